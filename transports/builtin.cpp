@@ -1,0 +1,29 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "transports/builtin.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "storage/cow/cow.hpp"
+#include "transports/file/file.hpp"
+#include "transports/memory/memory.hpp"
+
+namespace uvd::transports {
+
+void add_builtin(core::registry& reg) {
+  const core::vstore_ops* builtin_vstores[] = {
+      &memory::memory_vstore_ops,
+      &file::file_vstore_ops,
+      &storage::cow_vstore_ops,
+  };
+  for (const auto* ops : builtin_vstores)
+    if (auto r = reg.add_vstore(*ops); !r) spdlog::error("builtin transport: {}", r.err().what());
+}
+
+std::unique_ptr<core::registry> make_default_registry() {
+  auto reg = std::make_unique<core::registry>();
+  add_builtin(*reg);
+  core::add_default_plugin_dirs(*reg);
+  return reg;
+}
+
+}  // namespace uvd::transports
