@@ -5,7 +5,11 @@
 // throws CLI::RuntimeError(exit_code).
 #include <CLI/CLI.hpp>
 
+#include <memory>
+#include <string>
+
 #include "core/registry.hpp"
+#include "storage/vstore.hpp"
 
 namespace uvd::cli {
 
@@ -16,6 +20,14 @@ struct context {
 void add_info_command(CLI::App& app, context& ctx);    // uvd info, uvd transports
 void add_cow_commands(CLI::App& app, context& ctx);    // uvd cow create|info|commit
 void add_serve_command(CLI::App& app, context& ctx);   // uvd serve (NBD export)
+
+// Opens a device named by URI, or by a bare path with `transport` (default
+// "file"): "disk.img", "file:///disk.img", "memory:64M", "cow:///o.cow".
+core::result<std::unique_ptr<storage::Vstore>> open_device(context& ctx, const std::string& spec,
+                                                           const storage::open_options& opts = {},
+                                                           const std::string& transport = {});
+// The URI form of spec (a bare path becomes file:///abs/path).
+std::string device_uri(const std::string& spec, const std::string& transport = {});
 
 // Print "uvd: <message>" to stderr and throw CLI::RuntimeError(code).
 [[noreturn]] void die(int code, const std::string& message);

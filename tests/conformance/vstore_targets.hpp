@@ -1,0 +1,25 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// The transports and stacks the storage conformance suite runs over. Adding a
+// transport means adding one entry to conformance_targets().
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/registry.hpp"
+#include "core/result.hpp"
+#include "tests/testutil.hpp"
+
+namespace uvd::test {
+
+struct conformance_target {
+  std::string name;  // CamelCase-free test suffix: letters, digits, underscores
+  uint64_t size;     // the device size the target makes
+  bool persistent;   // data survives close and reopen
+  // Prepares backing storage in dir and returns the URI to open.
+  std::function<core::result<std::string>(const temp_dir& dir, core::registry& reg)> make;
+};
+
+std::vector<conformance_target> conformance_targets();
+
+}  // namespace uvd::test
