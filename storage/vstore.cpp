@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <thread>
 
 #include "core/uri.hpp"
@@ -98,11 +99,13 @@ core::result<void> Vstore::init(const core::vstore_ops& ops, std::string_view ta
   if (max_child_ == 0) return core::fail(EINVAL, transport_ + ": max transfer is smaller than a block");
   max_child_segs_ = info_.max_segments ? std::min(info_.max_segments, max_io_segments) : max_io_segments;
 
+  static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16);
   size_t ctx = ops_.ctx_size ? ops_.ctx_size(handle_) : 0;
   ctx = (ctx + 15) & ~size_t{15};
   uint32_t qd = opts.queue_depth;
   slots_ = std::vector<slot>(qd);
-  if (ctx) ctx_mem_.reset(new (std::align_val_t{16}) std::byte[ctx * qd]());
+  // operator new[] aligns to __STDCPP_DEFAULT_NEW_ALIGNMENT__ (16), as ctx promises.
+  if (ctx) ctx_mem_.reset(new std::byte[ctx * qd]());
   free_.reserve(qd);
   ready_.reserve(qd);
   for (uint32_t i = 0; i < qd; ++i) {

@@ -1,6 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "tests/conformance/vstore_targets.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <vector>
+
+#include "storage/cow/cow.hpp"
+
 namespace uvd::test {
 
 namespace {
@@ -16,6 +24,28 @@ core::result<std::string> file_uri(const temp_dir& dir, const std::string& optio
   return "file://" + path + (options.empty() ? "" : "?" + options);
 }
 
+// A base image full of a known pattern (so reads that fall through to it are
+// checked) and a fresh overlay over it.
+core::result<std::string> cow_uri(const temp_dir& dir, core::registry& reg) {
+  std::string base = dir.file("base.img");
+  int fd = ::open(base.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) return core::fail(errno, "create " + base);
+  std::vector<std::byte> chunk(1 << 20);
+  for (uint64_t off = 0; off < device_size; off += chunk.size()) {
+    fill_pattern(chunk, 0xba5e, off);
+    if (pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(chunk.size())) {
+      int e = errno;
+      ::close(fd);
+      return core::fail(e, "write " + base);
+    }
+  }
+  ::close(fd);
+  std::string overlay = dir.file("guest.cow");
+  auto h = storage::create_cow_file(reg, overlay, "file://" + base);
+  if (!h) return core::fail(std::move(h).err());
+  return "cow://" + overlay;
+}
+
 }  // namespace
 
 std::vector<conformance_target> conformance_targets() {
@@ -28,6 +58,7 @@ std::vector<conformance_target> conformance_targets() {
       {"file_uring", device_size, true, [](const temp_dir& d, core::registry&) { return file_uri(d, "engine=uring"); }},
       {"file_threads", device_size, true,
        [](const temp_dir& d, core::registry&) { return file_uri(d, "engine=threads"); }},
+      {"cow_over_file", device_size, true, cow_uri},
   };
 }
 

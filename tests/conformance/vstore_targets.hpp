@@ -3,6 +3,7 @@
 // The transports and stacks the storage conformance suite runs over. Adding a
 // transport means adding one entry to conformance_targets().
 #include <functional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -21,5 +22,8 @@ struct conformance_target {
 };
 
 std::vector<conformance_target> conformance_targets();
+
+// gtest prints a failing parameter with this instead of its bytes.
+inline void PrintTo(const conformance_target& t, std::ostream* os) { *os << t.name; }
 
 }  // namespace uvd::test
