@@ -53,7 +53,7 @@ struct vstore_info {
   uint32_t opt_io_size;   // preferred request size, bytes (0: unknown)
   uint64_t features;      // VSTORE_F_*
   uint32_t read_only;     // nonzero: writes, discards and write-zeroes fail with EROFS
-  uint32_t reserved;
+  uint32_t mem_align;     // alignment data buffers need (O_DIRECT), bytes; 0 or 1: any
   char id[128];           // stable identity of the medium (NUL-terminated), e.g. "file:dev=...:ino=..."
 };
 

@@ -79,6 +79,7 @@ core::result<void> block_geometry(file_device& dev) {
   if (::ioctl(dev.fd, BLKROTATIONAL, &rotational) == 0 && rotational) dev.info.features |= core::VSTORE_F_ROTATIONAL;
   dev.info.size = bytes;
   dev.info.block_size = static_cast<uint32_t>(logical);
+  if (dev.direct) dev.info.mem_align = static_cast<uint32_t>(logical);
   dev.info.opt_io_size = opt;
   if (!dev.info.read_only) {
     // A zero-length BLKDISCARD changes nothing: EOPNOTSUPP says the device
@@ -98,6 +99,7 @@ void file_geometry(file_device& dev, const struct stat& st) {
     if (::statx(dev.fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) &&
         sx.stx_dio_offset_align > block) {
       block = sx.stx_dio_offset_align;
+      dev.info.mem_align = sx.stx_dio_mem_align;
       spdlog::debug("file: {}: O_DIRECT needs {}-byte offsets, {}-byte buffers", dev.path, sx.stx_dio_offset_align,
                     sx.stx_dio_mem_align);
     }
@@ -110,6 +112,8 @@ void file_geometry(file_device& dev, const struct stat& st) {
   if (dev.info.size != bytes)
     spdlog::debug("file: {}: {} bytes rounded up to {} ({}-byte blocks)", dev.path, bytes, dev.info.size, block);
   dev.info.block_size = block;
+  // Without statx's answer, page alignment satisfies every O_DIRECT filesystem.
+  if (dev.direct && dev.info.mem_align == 0) dev.info.mem_align = 4096;
   dev.info.opt_io_size = st.st_blksize > 0 ? static_cast<uint32_t>(st.st_blksize) : 0;
   if (!dev.info.read_only) {
     // Punching past the end of the file changes nothing, and says whether
