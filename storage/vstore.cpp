@@ -171,14 +171,12 @@ void Vstore::submit(std::span<vstore_io* const> ios) {
     ++accepted;
   }
   if (!head) return;
-  {
-    std::lock_guard lk(mu_);
-    in_flight_ios_ += accepted;
-    if (pending_tail_) pending_tail_->priv.next = head;
-    else pending_head_ = head;
-    pending_tail_ = tail;
-  }
-  kick();
+  std::unique_lock lk(mu_);
+  in_flight_ios_ += accepted;
+  if (pending_tail_) pending_tail_->priv.next = head;
+  else pending_head_ = head;
+  pending_tail_ = tail;
+  kick_locked(lk);
 }
 
 // Builds the next transport request of io into slot s. Returns false when the
@@ -251,78 +249,86 @@ bool Vstore::fill_child(vstore_io* io, slot& s) {
   return true;
 }
 
-void Vstore::kick() {
-  {
-    std::lock_guard lk(mu_);
-    if (dispatching_) {
-      redispatch_ = true;
-      return;
-    }
-    dispatching_ = true;
+// Called with mu_ held; returns with it released. One thread at a time builds
+// transport requests and calls ops_.submit; others leave it a note.
+void Vstore::kick_locked(std::unique_lock<std::mutex>& lk) {
+  if (dispatching_) {
+    redispatch_ = true;
+    lk.unlock();
+    return;
   }
+  if (!pending_head_ && ready_.empty()) {  // ready_ is stable: no one is dispatching
+    lk.unlock();
+    return;
+  }
+  dispatching_ = true;
   std::vector<vstore_io*> unsplittable;
-  uint64_t completions_seen = 0;
   for (;;) {
-    {
-      std::lock_guard lk(mu_);
-      redispatch_ = false;
-      bool waited = false;
-      while (pending_head_) {
-        if (free_.empty()) {
-          waited = true;
-          break;
-        }
-        vstore_io* io = pending_head_;
-        uint32_t tag = free_.back();
-        free_.pop_back();
-        slot& s = slots_[tag];
-        if (io->priv.status < 0 || !fill_child(io, s)) {
-          free_.push_back(tag);
-          if (io->priv.status == 0) io->priv.status = -EINVAL;
-          io->priv.cursor = io->length;
-          pending_head_ = io->priv.next;
-          if (!pending_head_) pending_tail_ = nullptr;
-          if (io->priv.outstanding == 0) unsplittable.push_back(io);
-          continue;
-        }
-        ++io->priv.outstanding;
-        ready_.push_back(&s.req);
-        if (io->priv.cursor >= io->length) {
-          pending_head_ = io->priv.next;
-          if (!pending_head_) pending_tail_ = nullptr;
-        }
+    redispatch_ = false;
+    bool waited = false;
+    while (pending_head_) {
+      if (free_.empty()) {
+        waited = true;
+        break;
       }
-      if (waited) stats_.add(stats_.queue_full);
-      completions_seen = completions_;
-      stats_.note_in_flight(slots_.size() - free_.size());
+      vstore_io* io = pending_head_;
+      uint32_t tag = free_.back();
+      free_.pop_back();
+      slot& s = slots_[tag];
+      if (io->priv.status < 0 || !fill_child(io, s)) {
+        free_.push_back(tag);
+        if (io->priv.status == 0) io->priv.status = -EINVAL;
+        io->priv.cursor = io->length;
+        pending_head_ = io->priv.next;
+        if (!pending_head_) pending_tail_ = nullptr;
+        if (io->priv.outstanding == 0) unsplittable.push_back(io);
+        continue;
+      }
+      ++io->priv.outstanding;
+      ready_.push_back(&s.req);
+      if (io->priv.cursor >= io->length) {
+        pending_head_ = io->priv.next;
+        if (!pending_head_) pending_tail_ = nullptr;
+      }
     }
+    if (waited) stats_.add(stats_.queue_full);
+    stats_.note_in_flight(slots_.size() - free_.size());
+    const uint64_t completions_seen = completions_;
+    lk.unlock();
+
     for (vstore_io* io : unsplittable) finish_io(io);
     unsplittable.clear();
-
     if (!ready_.empty()) {
       size_t before = ready_.size();
       int n = ops_.submit(handle_, ready_.data(), static_cast<uint32_t>(before));
       bool stuck = false;
       if (n == 0) {
-        std::lock_guard lk(mu_);
+        lk.lock();
         // Nothing of ours is at the transport, and nothing completed since we looked.
         stuck = completions_ == completions_seen && slots_.size() - free_.size() == before;
+        lk.unlock();
       }
       if (n < 0 || stuck) {
         // Unusable device, or a transport that is "full" with nothing of ours in it.
         int status = n < 0 ? n : -EIO;
         if (n == 0) spdlog::error("vstore {}:{}: transport accepted no request with none in flight", transport_, target_);
-        std::vector<vstore_req*> failed;
-        failed.swap(ready_);
-        for (vstore_req* r : failed) complete_slot(slots_[r->tag], status);
+        std::vector<vstore_req*> failed(ready_);
+        ready_.clear();
+        for (vstore_req* r : failed) {
+          lk.lock();
+          vstore_io* io = release_slot_locked(slots_[r->tag], status);
+          lk.unlock();
+          if (io) finish_io(io);
+        }
       } else {
         ready_.erase(ready_.begin(), ready_.begin() + std::min<size_t>(static_cast<size_t>(n), before));
       }
     }
-    std::lock_guard lk(mu_);
+    lk.lock();
     bool more = redispatch_ || (ready_.empty() && pending_head_ && !free_.empty());
     if (!more) {
       dispatching_ = false;
+      lk.unlock();
       return;
     }
   }
@@ -331,26 +337,28 @@ void Vstore::kick() {
 void Vstore::on_complete(void* owner, vstore_req* req, int status) {
   auto* self = static_cast<Vstore*>(owner);
   // The last io's done() may let the owner destroy this Vstore while this
-  // thread still runs kick(); the destructor waits for callbacks_ to drop.
+  // thread still runs kick_locked(); the destructor waits for callbacks_ to drop.
   self->callbacks_.fetch_add(1, std::memory_order_acq_rel);
-  self->complete_slot(self->slots_[req->tag], status);
-  self->kick();
+  std::unique_lock lk(self->mu_);
+  if (vstore_io* io = self->release_slot_locked(self->slots_[req->tag], status)) {
+    lk.unlock();
+    self->finish_io(io);
+    lk.lock();
+  }
+  self->kick_locked(lk);
   self->callbacks_.fetch_sub(1, std::memory_order_release);
 }
 
-void Vstore::complete_slot(slot& s, int status) {
+// Frees a completed transport request's slot; returns its io if that was the
+// io's last outstanding piece (to be finished outside the lock).
+vstore_io* Vstore::release_slot_locked(slot& s, int status) {
   vstore_io* io = s.parent;
-  bool finished;
-  {
-    std::lock_guard lk(mu_);
-    if (status < 0 && io->priv.status == 0) io->priv.status = status > -4096 ? status : -EIO;
-    --io->priv.outstanding;
-    ++completions_;
-    s.parent = nullptr;
-    free_.push_back(s.req.tag);
-    finished = io->priv.outstanding == 0 && io->priv.cursor >= io->length;
-  }
-  if (finished) finish_io(io);
+  if (status < 0 && io->priv.status == 0) io->priv.status = status > -4096 ? status : -EIO;
+  --io->priv.outstanding;
+  ++completions_;
+  s.parent = nullptr;
+  free_.push_back(s.req.tag);
+  return io->priv.outstanding == 0 && io->priv.cursor >= io->length ? io : nullptr;
 }
 
 void Vstore::finish_io(vstore_io* io) {

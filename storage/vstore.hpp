@@ -113,10 +113,10 @@ class Vstore {
   core::result<void> init(const core::vstore_ops& ops, std::string_view target, const std::string& options,
                           const open_options& opts, core::registry* reg);
   static void on_complete(void* owner, core::vstore_req* req, int status);
-  void complete_slot(slot& s, int status);
+  vstore_io* release_slot_locked(slot& s, int status);
   void finish_io(vstore_io* io);
   bool fill_child(vstore_io* io, slot& s);
-  void kick();
+  void kick_locked(std::unique_lock<std::mutex>& lk);
   core::result<void> run_sync(vstore_io& io);
 
   core::vstore_ops ops_{};
