@@ -88,6 +88,10 @@ struct vstore_open_params {
   // In-tree stacking layers (cow, multipath) open their `next` devices through
   // this; it is a uvd::core::registry*. Opaque to plugins.
   const void* registry;
+  // An in-process argument from code that opens this table directly
+  // (storage::Vstore::open(ops, target, opts, reg, context)): a stacking layer
+  // hands over its already-open next devices this way. nullptr for URIs.
+  void* context;
   char* errbuf;  // human detail for a failure, NUL-terminated, may be left empty
   size_t errbuf_len;
 };

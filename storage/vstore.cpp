@@ -44,19 +44,19 @@ core::result<std::unique_ptr<Vstore>> Vstore::open(core::registry& reg, std::str
   std::string options = parsed->options;
   if (!opts.options.empty()) options += (options.empty() ? "" : "&") + opts.options;
   std::unique_ptr<Vstore> v(new Vstore());
-  if (auto r = v->init(**ops, parsed->target, options, opts, &reg); !r) return core::fail(std::move(r).err());
+  if (auto r = v->init(**ops, parsed->target, options, opts, &reg, nullptr); !r) return core::fail(std::move(r).err());
   return v;
 }
 
 core::result<std::unique_ptr<Vstore>> Vstore::open(const core::vstore_ops& ops, std::string_view target,
-                                                   const open_options& opts, core::registry* reg) {
+                                                   const open_options& opts, core::registry* reg, void* context) {
   std::unique_ptr<Vstore> v(new Vstore());
-  if (auto r = v->init(ops, target, opts.options, opts, reg); !r) return core::fail(std::move(r).err());
+  if (auto r = v->init(ops, target, opts.options, opts, reg, context); !r) return core::fail(std::move(r).err());
   return v;
 }
 
 core::result<void> Vstore::init(const core::vstore_ops& ops, std::string_view target, const std::string& options,
-                                 const open_options& opts, core::registry* reg) {
+                                 const open_options& opts, core::registry* reg, void* context) {
   ops_ = ops;
   transport_ = ops.name ? ops.name : "?";
   target_ = std::string(target);
@@ -77,6 +77,7 @@ core::result<void> Vstore::init(const core::vstore_ops& ops, std::string_view ta
   p.flags = (ro ? core::VSTORE_OPEN_READ_ONLY : 0u) | (direct ? core::VSTORE_OPEN_DIRECT : 0u);
   p.host = &host_;
   p.registry = reg;
+  p.context = context;
   p.errbuf = errbuf;
   p.errbuf_len = sizeof errbuf;
   int rc = ops_.open(&p, &handle_);

@@ -64,9 +64,11 @@ class Vstore {
   static core::result<std::unique_ptr<Vstore>> open(core::registry& reg, std::string_view uri,
                                                     const open_options& opts = {});
   // Open with an ops table already in hand. reg may be null (then stacking
-  // layers cannot open their next devices).
+  // layers cannot open their next devices by URI); context reaches the
+  // transport's open as vstore_open_params::context.
   static core::result<std::unique_ptr<Vstore>> open(const core::vstore_ops& ops, std::string_view target,
-                                                    const open_options& opts, core::registry* reg = nullptr);
+                                                    const open_options& opts, core::registry* reg = nullptr,
+                                                    void* context = nullptr);
 
   // Waits for every submitted io to complete, then releases the transport.
   ~Vstore();
@@ -111,7 +113,7 @@ class Vstore {
   struct slot;
   Vstore() = default;
   core::result<void> init(const core::vstore_ops& ops, std::string_view target, const std::string& options,
-                          const open_options& opts, core::registry* reg);
+                          const open_options& opts, core::registry* reg, void* context);
   static void on_complete(void* owner, core::vstore_req* req, int status);
   vstore_io* release_slot_locked(slot& s, int status);
   void finish_io(vstore_io* io);

@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The COW layer's ops tables: "cow" (opened by URI through the registry) and a
 // private one that stacks on stores the caller already opened (open_cow).
-#include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -101,24 +100,19 @@ int cow_submit(void* handle, core::vstore_req* const* reqs, uint32_t n) {
   return static_cast<cow_device*>(handle)->submit(reqs, n);
 }
 
-// open_cow hands its stores to the open op through the target string, which
-// carries the address of a stack_handoff. This table is never registered, so
-// no address from outside the process can reach it.
+// open_cow hands its already-open stores to the open op as the in-process
+// context; this table is never registered, so no URI reaches it.
 struct stack_handoff {
   std::shared_ptr<Vstore> base;
   std::unique_ptr<Vstore> overlay;
 };
 
-constexpr const char* handoff_prefix = "stack@";
-
 int cow_stack_open(const core::vstore_open_params* p, void** handle) {
-  uintptr_t addr = 0;
-  if (std::strncmp(p->target, handoff_prefix, std::strlen(handoff_prefix)) != 0 ||
-      std::sscanf(p->target + std::strlen(handoff_prefix), "%" SCNxPTR, &addr) != 1 || addr == 0) {
-    set_err(p, "internal: bad stacked COW target");
+  auto* h = static_cast<stack_handoff*>(p->context);
+  if (!h || !h->base || !h->overlay) {
+    set_err(p, "a stacked COW device needs its base and overlay handed over by open_cow");
     return -EINVAL;
   }
-  auto* h = reinterpret_cast<stack_handoff*>(addr);
   auto dev = cow_device::make(std::move(h->base), std::move(h->overlay), p->flags & core::VSTORE_OPEN_READ_ONLY,
                               p->host);
   if (!dev) return fail_open(p, dev.err());
@@ -160,10 +154,9 @@ core::result<std::unique_ptr<Vstore>> open_cow(std::shared_ptr<Vstore> base, std
                                                const open_options& opts) {
   if (!base || !overlay) return core::fail(EINVAL, "open_cow needs a base and an overlay");
   if (!opts.options.empty()) return core::fail(EINVAL, "a stacked COW device takes no transport options");
+  std::string target = overlay->transport_name() + ":" + overlay->target();
   stack_handoff h{std::move(base), std::move(overlay)};
-  char target[48];
-  std::snprintf(target, sizeof target, "%s%" PRIxPTR, handoff_prefix, reinterpret_cast<uintptr_t>(&h));
-  return Vstore::open(cow_stack_ops, target, opts, nullptr);
+  return Vstore::open(cow_stack_ops, target, opts, nullptr, &h);
 }
 
 }  // namespace uvd::storage
