@@ -196,7 +196,7 @@ core::result<std::unique_ptr<file_device>> open_device(const core::vstore_open_p
   }
 
   if (auto started = start_engine(*dev, opts); !started) return core::fail(std::move(started).err());
-  spdlog::info("file: opened {} {} ({} bytes, {}-byte blocks{}) on the {} engine", path,
+  spdlog::debug("file: opened {} {} ({} bytes, {}-byte blocks{}) on the {} engine", path,
                read_only ? "read-only" : "read-write", dev->info.size, dev->info.block_size,
                direct ? ", O_DIRECT" : "", dev->engine->name());
   return dev;
