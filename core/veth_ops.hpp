@@ -28,8 +28,13 @@ enum : uint64_t {
 };
 
 // One Ethernet frame (no FCS). The buffer is the front half's: a transport
-// reads it during xmit (and may keep it until tx_done for zero copy) and writes
-// into it during rx_poll (len: capacity in, bytes written out).
+// reads it during xmit and must be done with it when xmit returns (every
+// in-tree transport copies or writes it out; zero copy would need a release
+// op appended later), and writes into it during rx_poll (len: capacity in,
+// bytes written out). With CSUM_PARTIAL the checksum field holds the folded
+// pseudo-header sum (as Linux and virtio_net_hdr have it); with GSO, csum is
+// partial too and the segments' headers come from the first csum_start + TCP
+// header bytes.
 struct veth_frame {
   uint8_t* data;
   uint32_t len;
@@ -108,6 +113,17 @@ struct veth_ops {
   int (*rx_fd)(void* handle, uint32_t queue);
   // Optional.
   int (*stats)(void* handle, veth_stats_extra* out);
+
+  // Appended (still ABI 1: nothing had shipped).
+  // Optional. Synchronous. The front half's administrative link state (1 up,
+  // 0 down), for a transport whose peer can show it (TAP: the carrier the
+  // kernel interface sees). Serialised with the other control ops.
+  int (*set_link)(void* handle, int up);
+  // Optional. Synchronous. The watchdog found queue stopped for longer than
+  // the tx timeout: reset it (drop what is stuck, rearm notifications). The
+  // front half restarts the queue after it returns; without this op it only
+  // restarts it. Serialised with xmit on that queue.
+  int (*tx_timeout)(void* handle, uint32_t queue);
 };
 
 }  // namespace uvd::core

@@ -3,9 +3,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include "net/loop_veth.hpp"
 #include "storage/cow/cow.hpp"
+#include "transports/daemon/daemon.hpp"
 #include "transports/file/file.hpp"
 #include "transports/memory/memory.hpp"
+#include "transports/pcap/pcap.hpp"
+#include "transports/tap/tap.hpp"
 
 namespace uvd::transports {
 
@@ -17,6 +21,14 @@ void add_builtin(core::registry& reg) {
   };
   for (const auto* ops : builtin_vstores)
     if (auto r = reg.add_vstore(*ops); !r) spdlog::error("builtin transport: {}", r.err().what());
+  const core::veth_ops* builtin_veths[] = {
+      &net::loop_veth_ops,
+      &tap::tap_veth_ops,
+      &daemon::daemon_veth_ops,
+      &pcap::pcap_veth_ops,
+  };
+  for (const auto* ops : builtin_veths)
+    if (auto r = reg.add_veth(*ops); !r) spdlog::error("builtin transport: {}", r.err().what());
 }
 
 std::unique_ptr<core::registry> make_default_registry() {

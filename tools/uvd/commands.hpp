@@ -20,6 +20,7 @@ struct context {
 void add_info_command(CLI::App& app, context& ctx);    // uvd info, uvd transports
 void add_cow_commands(CLI::App& app, context& ctx);    // uvd cow create|info|commit
 void add_serve_command(CLI::App& app, context& ctx);   // uvd serve (NBD export)
+void add_net_commands(CLI::App& app, context& ctx);    // uvd switch, switch-stats, veth
 
 // Opens a device named by URI, or by a bare path with `transport` (default
 // "file"): "disk.img", "file:///disk.img", "memory:64M", "cow:///o.cow".

@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+// uvd switch, uvd switch-stats, uvd veth: the network side from the shell.
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "core/uri.hpp"
+#include "net/netback.hpp"
+#include "net/pump.hpp"
+#include "net/veth.hpp"
+#include "net/veth_port.hpp"
+#include "tools/uvd/commands.hpp"
+#include "transports/daemon/daemon.hpp"
+
+namespace uvd::cli {
+
+namespace {
+
+// SIGINT/SIGTERM as a readable fd: blocked for the whole process, then read
+// through a signalfd by the loop that must stop.
+int stop_signals_fd() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigprocmask(SIG_BLOCK, &set, nullptr);
+  return ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+class signal_source final : public net::port_source {
+ public:
+  explicit signal_source(int fd) : fd_(fd) {}
+  ~signal_source() override { ::close(fd_); }
+  int fd() const override { return fd_; }
+  void service(net::Netback& nb) override {
+    signalfd_siginfo si;
+    while (::read(fd_, &si, sizeof si) == sizeof si) {
+      spdlog::info("switch: signal {}, stopping", si.ssi_signo);
+      nb.stop();
+    }
+  }
+
+ private:
+  int fd_;
+};
+
+// "path" or "daemon:///path" -> a daemon URI; other URIs pass through.
+std::string switch_uri(const std::string& s) {
+  if (!s.empty() && s[0] == '/') return "daemon://" + s;
+  if (auto u = core::parse_uri(s); u) return s;
+  return "daemon://" + s;
+}
+
+}  // namespace
+
+void add_net_commands(CLI::App& app, context& ctx) {
+  // ---- uvd switch ----
+  auto* sw = app.add_subcommand("switch", "run the netback learning switch as a daemon on a Unix socket");
+  struct switch_args {
+    std::string socket;
+    std::vector<std::string> uplinks, limits;
+    std::string default_limit;
+    unsigned ageing = 300;
+    unsigned budget = 64;
+  };
+  auto sa = std::make_shared<switch_args>();
+  sw->add_option("--socket,-s", sa->socket, "Unix socket front ends connect to (uvd veth --switch PATH)")->required();
+  sw->add_option("--uplink", sa->uplinks, "a trusted port into the host kernel or elsewhere, e.g. tap:uvdup0 (repeatable)");
+  sw->add_option("--limit", sa->limits,
+                 "rate limit for the port of that name: NAME=BYTES/MICROSECONDS or NAME=100mbit (repeatable)");
+  sw->add_option("--default-limit", sa->default_limit, "rate limit for ports without a --limit");
+  sw->add_option("--ageing", sa->ageing, "seconds a learnt MAC address lives (default 300)");
+  sw->add_option("--budget", sa->budget, "frames per port per round (default 64)");
+  sw->callback([sa, &ctx] {
+    daemon::listener_options lo;
+    for (const auto& l : sa->limits) {
+      auto eq = l.find('=');
+      if (eq == std::string::npos || eq == 0) die(2, "--limit wants NAME=RATE, got '" + l + "'");
+      auto r = net::parse_rate_limit(l.substr(eq + 1));
+      if (!r) die(2, r.err().message);
+      lo.limits[l.substr(0, eq)] = *r;
+    }
+    if (!sa->default_limit.empty()) {
+      auto r = net::parse_rate_limit(sa->default_limit);
+      if (!r) die(2, r.err().message);
+      lo.default_limit = *r;
+    }
+    net::netback_options no;
+    no.ageing = std::chrono::seconds(sa->ageing);
+    no.budget = sa->budget;
+    auto nb = net::Netback::create(no);
+    if (!nb) die(1, nb.err().what());
+    int sig = stop_signals_fd();
+    (*nb)->add_source(std::make_unique<signal_source>(sig));
+    auto l = daemon::listen(sa->socket, lo);
+    if (!l) die(1, l.err().what());
+    (*nb)->add_source(std::move(*l));
+    for (const auto& u : sa->uplinks) {
+      auto v = net::Veth::open(*ctx.reg, u);
+      if (!v) die(1, "uplink " + u + ": " + v.err().what());
+      (*nb)->add_port(net::make_veth_port(std::move(*v)));
+    }
+    std::printf("switch: listening on %s\n", sa->socket.c_str());
+    std::fflush(stdout);
+    if (auto r = (*nb)->run(); !r) die(1, r.err().what());
+    std::fputs((*nb)->stats_text().c_str(), stdout);
+  });
+
+  // ---- uvd switch-stats ----
+  auto* st = app.add_subcommand("switch-stats", "print the per-port counters of a running switch");
+  auto st_sock = std::make_shared<std::string>();
+  st->add_option("--socket,-s", *st_sock, "the switch's socket")->required();
+  st->callback([st_sock] {
+    auto t = daemon::query_stats(*st_sock);
+    if (!t) die(1, t.err().what());
+    std::fputs(t->c_str(), stdout);
+  });
+
+  // ---- uvd veth ----
+  auto* ve = app.add_subcommand(
+      "veth", "attach a virtual NIC: its switch side through a transport, its host side as a kernel interface");
+  struct veth_args {
+    std::string sw, host = "tap:uvd0", mac, name;
+    uint32_t mtu = 1500, queues = 1;
+    int offload = 1;
+    bool wait = false;
+  };
+  auto va = std::make_shared<veth_args>();
+  ve->add_option("--switch", va->sw, "switch side: a switch socket path or a URI (daemon:///run/uvd/sw.sock)")
+      ->required();
+  ve->add_option("--host", va->host, "host side: a URI, by default tap:uvd0 (a TAP interface in this namespace)");
+  ve->add_option("--mac", va->mac, "the NIC's MAC (default: random, locally administered)");
+  ve->add_option("--mtu", va->mtu, "MTU (default 1500)");
+  ve->add_option("--name", va->name, "port name at the switch (rate limits use it)");
+  ve->add_option("--queues", va->queues, "host-side queues (TAP multi-queue)");
+  ve->add_option("--offload", va->offload, "1: checksum and TSO offload end to end (default); 0: plain frames");
+  ve->add_flag("--wait", va->wait, "start even if the switch is not up yet (link down until it is)");
+  ve->callback([va, &ctx] {
+    net::veth_options o;
+    if (!va->mac.empty()) {
+      auto m = net::parse_mac(va->mac);
+      if (!m) die(2, m.err().message);
+      o.mac = *m;
+    } else {
+      o.mac = net::random_mac();
+    }
+    o.mtu = va->mtu;
+    std::string off = va->offload ? "offload=1" : "offload=0";
+    net::veth_options fo = o;
+    fo.options = off + (va->wait ? "&wait=1" : "") + (va->name.empty() ? "" : "&name=" + va->name);
+    auto front = net::Veth::open(*ctx.reg, switch_uri(va->sw), fo);
+    if (!front) die(1, front.err().what());
+    net::veth_options ho = o;
+    ho.options = off;
+    ho.nqueues = va->queues;
+    auto host = net::Veth::open(*ctx.reg, va->host, ho);
+    if (!host) die(1, host.err().what());
+    int sig = stop_signals_fd();
+    std::printf("veth: %s:%s <-> %s:%s mac %s mtu %u\n", (*host)->transport_name().c_str(), (*host)->target().c_str(),
+                (*front)->transport_name().c_str(), (*front)->target().c_str(), o.mac->to_string().c_str(), o.mtu);
+    std::fflush(stdout);
+    auto r = net::pump(**front, **host, sig);
+    ::close(sig);
+    if (!r) die(1, r.err().what());
+    auto fs = (*front)->stats(), hs = (*host)->stats();
+    std::printf("switch side: %s\nhost side: %s\n", fs.to_string().c_str(), hs.to_string().c_str());
+  });
+}
+
+}  // namespace uvd::cli
