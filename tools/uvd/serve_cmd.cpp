@@ -1,0 +1,309 @@
+// SPDX-License-Identifier: Apache-2.0
+// uvd serve: export virtual disks over NBD (storage/nbd) from flags or a
+// small config file, until SIGINT or SIGTERM.
+#include <fmt/format.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/uri.hpp"
+#include "storage/nbd/nbd.hpp"
+#include "storage/vstore.hpp"
+#include "tools/uvd/commands.hpp"
+
+namespace uvd::cli {
+
+namespace {
+
+constexpr const char* serve_footer = R"(Exports:
+  NAME=URI[,ro]   URI is any device URI (file:///path/disk.img, memory:64M,
+                  cow:///path/overlay.cow) or a plain path, read as a file.
+                  ",ro" (or "?ro=1" in the URI) exports it read-only. NAME may
+                  be empty ("=memory:1G"); the first export is also the
+                  default one, which clients reach with the empty name.
+  Exports may be given with --export, as positional arguments, or in a config
+  file, which may also set the listeners and limits:
+
+    # uvd serve --config FILE
+    [server]
+    unix = /run/uvd/nbd.sock        # repeatable
+    tcp = 127.0.0.1:10809           # repeatable
+    queue-depth = 64
+    max-in-flight = 64
+    max-connections = 256
+    busy-poll-us = 50
+
+    [export disk0]
+    uri = file:///var/lib/images/disk0.img
+    read-only = no
+    description = the first disk
+
+  Flags add to what the file says.
+
+Listening: without --unix or --tcp (here or in the config), uvd serves TCP on
+127.0.0.1:10809. Clients: qemu-img info nbd+unix:///NAME?socket=PATH,
+nbdinfo nbd://127.0.0.1:10809/NAME, nbd-client, the Linux nbd driver.
+
+Shutdown: SIGINT or SIGTERM stops accepting, lets every connection finish its
+in-flight requests and send their replies, flushes every export, logs
+per-export statistics and exits 0.
+
+Exit status: 0 after a clean shutdown, 1 if a disk or listener cannot be
+opened, 2 for a usage or config error. Logging: uvd --log-level LEVEL serve ...
+(or $UVD_LOG_LEVEL).)";
+
+struct export_spec {
+  std::string name;
+  std::string uri;
+  std::string description;
+  bool read_only = false;
+};
+
+struct serve_config {
+  std::vector<export_spec> exports;
+  std::vector<std::string> unix_paths, tcp;
+  uint32_t queue_depth = 64;
+  uint32_t max_in_flight = 64;
+  uint32_t max_connections = 256;
+  uint32_t busy_poll_us = 50;
+};
+
+std::string trim(std::string s) {
+  size_t b = s.find_first_not_of(" \t\r");
+  size_t e = s.find_last_not_of(" \t\r");
+  return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+}
+
+// A device URI, or a plain path taken as a file.
+std::string device_uri_of(const std::string& spec) {
+  if (core::parse_uri(spec)) return spec;
+  char abs[PATH_MAX];
+  std::string target = realpath(spec.c_str(), abs) ? std::string(abs) : spec;
+  return "file://" + target;
+}
+
+export_spec parse_export_flag(const std::string& text) {
+  size_t eq = text.find('=');
+  if (eq == std::string::npos)
+    die(2, "export '" + text + "' is not NAME=URI[,ro] (e.g. disk=file:///srv/disk.img or a=memory:64M,ro)");
+  export_spec e;
+  e.name = text.substr(0, eq);
+  std::string rest = text.substr(eq + 1);
+  for (;;) {
+    size_t comma = rest.rfind(',');
+    if (comma == std::string::npos) break;
+    std::string flag = rest.substr(comma + 1);
+    if (flag == "ro" || flag == "read-only") {
+      e.read_only = true;
+    } else if (flag == "rw") {
+      e.read_only = false;
+    } else {
+      break;  // part of the URI
+    }
+    rest.resize(comma);
+  }
+  if (rest.empty()) die(2, "export '" + text + "' has no URI");
+  e.uri = device_uri_of(rest);
+  return e;
+}
+
+bool parse_bool(const std::string& v, const std::string& where) {
+  if (v == "1" || v == "yes" || v == "true" || v == "on") return true;
+  if (v == "0" || v == "no" || v == "false" || v == "off") return false;
+  die(2, where + ": '" + v + "' is not yes or no");
+}
+
+uint32_t parse_count(const std::string& v, const std::string& where, uint32_t lo, uint32_t hi) {
+  char* end = nullptr;
+  errno = 0;
+  unsigned long n = std::strtoul(v.c_str(), &end, 10);
+  if (v.empty() || *end || errno || n < lo || n > hi)
+    die(2, where + ": '" + v + "' is not a number in " + std::to_string(lo) + ".." + std::to_string(hi));
+  return static_cast<uint32_t>(n);
+}
+
+void read_config(const std::string& path, serve_config& cfg) {
+  std::ifstream in(path);
+  if (!in) die(2, "cannot read config '" + path + "': " + std::strerror(errno));
+  std::string line, section;
+  export_spec* cur = nullptr;
+  for (int lineno = 1; std::getline(in, line); ++lineno) {
+    const std::string where = path + ":" + std::to_string(lineno);
+    size_t hash = line.find('#');
+    if (hash != std::string::npos) line.resize(hash);
+    line = trim(line);
+    if (line.empty()) continue;
+    if (line.front() == '[') {
+      if (line.back() != ']') die(2, where + ": section header without ']'");
+      std::string s = trim(line.substr(1, line.size() - 2));
+      if (s == "server") {
+        section = "server";
+        cur = nullptr;
+      } else if (s.rfind("export", 0) == 0 && (s.size() == 6 || s[6] == ' ' || s[6] == '\t')) {
+        section = "export";
+        export_spec e;
+        e.name = trim(s.substr(6));
+        if (e.name.size() >= 2 && e.name.front() == '"' && e.name.back() == '"') e.name = e.name.substr(1, e.name.size() - 2);
+        cfg.exports.push_back(std::move(e));
+        cur = &cfg.exports.back();
+      } else {
+        die(2, where + ": unknown section [" + s + "] (use [server] or [export NAME])");
+      }
+      continue;
+    }
+    size_t eq = line.find('=');
+    if (eq == std::string::npos) die(2, where + ": expected key = value");
+    std::string key = trim(line.substr(0, eq)), value = trim(line.substr(eq + 1));
+    if (section == "server") {
+      if (key == "unix") cfg.unix_paths.push_back(value);
+      else if (key == "tcp") cfg.tcp.push_back(value);
+      else if (key == "queue-depth") cfg.queue_depth = parse_count(value, where, 1, 4096);
+      else if (key == "max-in-flight") cfg.max_in_flight = parse_count(value, where, 1, 1024);
+      else if (key == "max-connections") cfg.max_connections = parse_count(value, where, 1, 65536);
+      else if (key == "busy-poll-us") cfg.busy_poll_us = parse_count(value, where, 0, 1000000);
+      else die(2, where + ": unknown [server] key '" + key + "'");
+    } else if (section == "export") {
+      if (key == "uri") cur->uri = device_uri_of(value);
+      else if (key == "read-only") cur->read_only = parse_bool(value, where);
+      else if (key == "description") cur->description = value;
+      else die(2, where + ": unknown [export] key '" + key + "'");
+    } else {
+      die(2, where + ": '" + key + "' outside a section");
+    }
+  }
+  for (const export_spec& e : cfg.exports)
+    if (e.uri.empty()) die(2, path + ": [export " + e.name + "] has no uri");
+}
+
+std::string human_size(uint64_t b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{} B", b) : fmt::format("{:.4g} {}", v, units[u]);
+}
+
+struct serve_flags {
+  std::vector<std::string> exports, positional;
+  std::vector<std::string> unix_paths, tcp;
+  std::string config;
+  uint32_t queue_depth = 0;
+  uint32_t max_in_flight = 0;
+  uint32_t max_connections = 0;
+  int64_t busy_poll_us = -1;
+  bool read_only = false;
+};
+
+void run_serve(context& ctx, const serve_flags& f) {
+  serve_config cfg;
+  if (!f.config.empty()) read_config(f.config, cfg);
+  for (const std::string& e : f.exports) cfg.exports.push_back(parse_export_flag(e));
+  for (const std::string& e : f.positional) cfg.exports.push_back(parse_export_flag(e));
+  cfg.unix_paths.insert(cfg.unix_paths.end(), f.unix_paths.begin(), f.unix_paths.end());
+  cfg.tcp.insert(cfg.tcp.end(), f.tcp.begin(), f.tcp.end());
+  if (f.queue_depth) cfg.queue_depth = f.queue_depth;
+  if (f.max_in_flight) cfg.max_in_flight = f.max_in_flight;
+  if (f.max_connections) cfg.max_connections = f.max_connections;
+  if (f.busy_poll_us >= 0) cfg.busy_poll_us = static_cast<uint32_t>(f.busy_poll_us);
+  if (cfg.exports.empty()) die(2, "nothing to serve: give --export NAME=URI (or NAME=URI arguments, or --config FILE)");
+  if (cfg.unix_paths.empty() && cfg.tcp.empty()) cfg.tcp.push_back("127.0.0.1:10809");
+  for (size_t i = 0; i < cfg.exports.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (cfg.exports[i].name == cfg.exports[j].name) die(2, "two exports are named '" + cfg.exports[i].name + "'");
+
+  // Block the stop signals before any thread exists (transports start
+  // threads when they open), so that only sigwait below receives them.
+  sigset_t stop_signals, old_mask;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, &old_mask);
+
+  storage::nbd::server_options opts;
+  opts.unix_paths = cfg.unix_paths;
+  opts.tcp = cfg.tcp;
+  opts.max_in_flight = cfg.max_in_flight;
+  opts.max_connections = cfg.max_connections;
+  opts.busy_poll_us = cfg.busy_poll_us;
+  for (const export_spec& e : cfg.exports) {
+    storage::open_options oo;
+    oo.queue_depth = cfg.queue_depth;
+    oo.read_only = e.read_only || f.read_only;
+    auto v = storage::Vstore::open(*ctx.reg, e.uri, oo);
+    if (!v) die(1, "export '" + e.name + "': " + v.err().what());
+    opts.exports.push_back({e.name, e.description, std::shared_ptr<storage::Vstore>(std::move(*v)), oo.read_only});
+  }
+  auto srv = storage::nbd::server::create(opts);
+  if (!srv) die(1, srv.err().what());
+  if (auto r = (*srv)->start(); !r) die(1, r.err().what());
+
+  for (size_t i = 0; i < cfg.exports.size(); ++i) {
+    const auto& d = *opts.exports[i].disk;
+    std::vector<std::string> uris = (*srv)->uris(cfg.exports[i].name);
+    std::string where;
+    for (size_t k = 0; k < uris.size(); ++k) where += (k ? " and " : "") + uris[k];
+    fmt::print("serving export '{}' ({}, {}{}) on {}\n", cfg.exports[i].name, human_size(d.size()), cfg.exports[i].uri,
+               d.read_only() || opts.exports[i].read_only ? ", read-only" : "", where);
+  }
+  std::fflush(stdout);
+
+  int sig = 0;
+  while (sigwait(&stop_signals, &sig) != 0) {
+  }
+  fmt::print(stderr, "uvd: {} received, stopping: finishing in-flight requests and flushing\n",
+             sig == SIGINT ? "SIGINT" : "SIGTERM");
+  (*srv)->stop();
+  srv->reset();
+  opts.exports.clear();
+  pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+}
+
+}  // namespace
+
+void add_serve_command(CLI::App& app, context& ctx) {
+  auto* cmd = app.add_subcommand("serve", "Export virtual disks over NBD until SIGINT or SIGTERM");
+  auto f = std::make_shared<serve_flags>();
+  // One value per use of a repeatable flag, so that positional exports after
+  // "--tcp HOST:PORT" stay exports.
+  cmd->add_option("-e,--export", f->exports, "NAME=URI[,ro]: export a disk under NAME (repeatable)")
+      ->type_name("NAME=URI")
+      ->allow_extra_args(false);
+  cmd->add_option("exports", f->positional, "more NAME=URI[,ro] exports")->type_name("NAME=URI");
+  cmd->add_option("-u,--unix", f->unix_paths, "listen on a unix socket at PATH (repeatable)")
+      ->type_name("PATH")
+      ->allow_extra_args(false);
+  cmd->add_option("-t,--tcp", f->tcp,
+                  "listen on TCP HOST:PORT, [IPV6]:PORT or HOST (port 10809) (repeatable; the default listener, "
+                  "when no --unix/--tcp is given anywhere, is 127.0.0.1:10809)")
+      ->type_name("HOST:PORT")
+      ->allow_extra_args(false);
+  cmd->add_option("-c,--config", f->config, "read exports and listeners from FILE (format below)")
+      ->type_name("FILE");
+  cmd->add_flag("-r,--read-only", f->read_only, "export every disk read-only");
+  cmd->add_option("--queue-depth", f->queue_depth, "requests each disk has in flight at its transport (default 64)")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--max-in-flight", f->max_in_flight, "NBD requests in flight per client connection (default 64)")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("--max-connections", f->max_connections, "client connections at once; more are closed (default 256)")
+      ->check(CLI::Range(1, 65536));
+  cmd->add_option("--busy-poll-us", f->busy_poll_us,
+                  "after answering, a connection looks for the client's next request this many microseconds "
+                  "before sleeping: lower latency at low queue depth for a little CPU (default 50, 0: off)")
+      ->check(CLI::Range(0, 1000000));
+  cmd->footer(serve_footer);
+  cmd->fallthrough();  // uvd serve --log-level debug ... reaches the global option
+  cmd->callback([&ctx, f] { run_serve(ctx, *f); });
+}
+
+}  // namespace uvd::cli
