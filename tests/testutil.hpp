@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Shared test helpers: scratch folders, deterministic data patterns, checksums.
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace uvd::test {
 
@@ -33,6 +35,17 @@ uint64_t fnv1a(std::span<const std::byte> buf, uint64_t h = 14695981039346656037
 
 // Creates a file of `size` bytes (sparse) and returns its path.
 std::string make_sparse_file(const std::string& path, uint64_t size);
+
+// Runs argv (no shell, stdin from /dev/null), returns its exit status
+// (-signal if killed, -1000 on timeout) and its stdout and stderr together.
+struct cmd_result {
+  int status = -1;
+  std::string output;
+};
+cmd_result run_cmd(const std::vector<std::string>& argv, std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+// Full path of a tool, or a test failure naming the Debian package to install.
+std::string need_tool(const std::string& name, const std::string& package);
 
 // Folders of the build and source trees (from the test environment).
 std::string build_dir();

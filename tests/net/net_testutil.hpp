@@ -12,6 +12,7 @@
 #include "core/result.hpp"
 #include "net/eth.hpp"
 #include "net/veth.hpp"
+#include "tests/testutil.hpp"
 
 namespace uvd::test {
 
@@ -47,17 +48,9 @@ std::vector<received_frame> receive_frames(net::Veth& v, size_t want, std::chron
 // Waits up to timeout for any event on the Veth (rx, tx wake, link).
 void wait_veth(net::Veth& v, std::chrono::milliseconds timeout);
 
-// Runs argv (no shell), returns exit status (-1000 on timeout) and output.
-struct cmd_result {
-  int status = -1;
-  std::string output;
-};
-cmd_result run_cmd(const std::vector<std::string>& argv, std::chrono::milliseconds timeout = std::chrono::seconds(60));
 // run_cmd that records a test failure with the output when status is not 0.
 bool must_run(const std::vector<std::string>& argv);
 
-// Full path of a tool, or a failure naming the Debian package to install.
-std::string need_tool(const std::string& name, const std::string& package);
 
 // Root, /dev/net/tun and network namespaces: fails the test naming what is missing.
 bool require_net_privileges();

@@ -30,6 +30,9 @@ core::result<std::unique_ptr<storage::Vstore>> open_device(context& ctx, const s
 // The URI form of spec (a bare path becomes file:///abs/path).
 std::string device_uri(const std::string& spec, const std::string& transport = {});
 
+// "64.0 MiB", "512 B": a byte count for a person.
+std::string human_size(uint64_t bytes);
+
 // Print "uvd: <message>" to stderr and throw CLI::RuntimeError(code).
 [[noreturn]] void die(int code, const std::string& message);
 

@@ -27,6 +27,17 @@ core::result<std::unique_ptr<storage::Vstore>> open_device(context& ctx, const s
   return storage::Vstore::open(*ctx.reg, device_uri(spec, transport), opts);
 }
 
+std::string human_size(uint64_t b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{} B", b) : fmt::format("{:.4g} {}", v, units[u]);
+}
+
 namespace {
 
 std::string features_text(uint64_t f) {
@@ -43,16 +54,6 @@ std::string features_text(uint64_t f) {
   return s.empty() ? "none" : s;
 }
 
-std::string human_size(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  return u == 0 ? fmt::format("{} B", b) : fmt::format("{:.1f} {}", v, units[u]);
-}
 
 }  // namespace
 

@@ -82,13 +82,6 @@ std::string trim(std::string s) {
   return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
 }
 
-// A device URI, or a plain path taken as a file.
-std::string device_uri_of(const std::string& spec) {
-  if (core::parse_uri(spec)) return spec;
-  char abs[PATH_MAX];
-  std::string target = realpath(spec.c_str(), abs) ? std::string(abs) : spec;
-  return "file://" + target;
-}
 
 export_spec parse_export_flag(const std::string& text) {
   size_t eq = text.find('=');
@@ -111,7 +104,7 @@ export_spec parse_export_flag(const std::string& text) {
     rest.resize(comma);
   }
   if (rest.empty()) die(2, "export '" + text + "' has no URI");
-  e.uri = device_uri_of(rest);
+  e.uri = device_uri(rest);
   return e;
 }
 
@@ -171,7 +164,7 @@ void read_config(const std::string& path, serve_config& cfg) {
       else if (key == "busy-poll-us") cfg.busy_poll_us = parse_count(value, where, 0, 1000000);
       else die(2, where + ": unknown [server] key '" + key + "'");
     } else if (section == "export") {
-      if (key == "uri") cur->uri = device_uri_of(value);
+      if (key == "uri") cur->uri = device_uri(value);
       else if (key == "read-only") cur->read_only = parse_bool(value, where);
       else if (key == "description") cur->description = value;
       else die(2, where + ": unknown [export] key '" + key + "'");
@@ -183,16 +176,6 @@ void read_config(const std::string& path, serve_config& cfg) {
     if (e.uri.empty()) die(2, path + ": [export " + e.name + "] has no uri");
 }
 
-std::string human_size(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  return u == 0 ? fmt::format("{} B", b) : fmt::format("{:.4g} {}", v, units[u]);
-}
 
 struct serve_flags {
   std::vector<std::string> exports, positional;

@@ -37,67 +37,9 @@ std::string uvd_binary() {
   return UVD_BINARY;
 }
 
-// The full path of a client tool, or a test failure naming its package.
-std::string need_tool(const std::string& name, const std::string& package) {
-  const char* path = std::getenv("PATH");
-  std::stringstream ss(path ? path : "/usr/bin:/bin");
-  std::string dir;
-  while (std::getline(ss, dir, ':')) {
-    std::string p = dir + "/" + name;
-    if (::access(p.c_str(), X_OK) == 0) return p;
-  }
-  ADD_FAILURE() << name << " is not installed: install the Debian package " << package << " (apt-get install "
-                << package << ")";
-  return {};
-}
-
-struct run_result {
-  int status = -1;  // exit code, or -signal, or -1000 on timeout
-  std::string output;  // stdout and stderr
-};
-
+using run_result = cmd_result;
 run_result run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout = 120s) {
-  run_result r;
-  int pipefd[2];
-  if (::pipe2(pipefd, O_CLOEXEC) != 0) return r;
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_adddup2(&fa, pipefd[1], 1);
-  posix_spawn_file_actions_adddup2(&fa, pipefd[1], 2);
-  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid;
-  int rc = posix_spawn(&pid, args[0], &fa, nullptr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  ::close(pipefd[1]);
-  if (rc != 0) {
-    ::close(pipefd[0]);
-    r.output = std::string("cannot run ") + argv[0] + ": " + std::strerror(rc);
-    return r;
-  }
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  char buf[4096];
-  bool timed_out = false;
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) {
-      timed_out = true;
-      ::kill(pid, SIGKILL);
-      break;
-    }
-    pollfd p{pipefd[0], POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-    ssize_t n = ::read(pipefd[0], buf, sizeof buf);
-    if (n <= 0) break;
-    r.output.append(buf, static_cast<size_t>(n));
-  }
-  ::close(pipefd[0]);
-  int st = 0;
-  ::waitpid(pid, &st, 0);
-  r.status = timed_out ? -1000 : WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
-  return r;
+  return run_cmd(argv, timeout);
 }
 
 std::string describe(const std::vector<std::string>& argv, const run_result& r) {
