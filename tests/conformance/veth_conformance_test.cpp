@@ -163,8 +163,14 @@ TEST_P(VethConformance, LinkDownStopsTraffic) {
   EXPECT_EQ(a().stats().tx_packets, before.tx_packets);
 
   ASSERT_TRUE(a().set_admin_up(true));
-  got = transfer(frames);
-  EXPECT_EQ(got.size(), frames.size()) << "traffic did not resume after link up";
+  // A kernel peer learns of carrier changes asynchronously (linkwatch may
+  // take up to a second to move a bridge port back to forwarding), and drops
+  // what arrives before then: resend until a whole burst crosses, for 5 s.
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  do {
+    got = transfer(frames, 500ms);
+  } while (got.size() != frames.size() && std::chrono::steady_clock::now() < deadline);
+  EXPECT_EQ(got.size(), frames.size()) << "traffic did not resume within 5 s of link up";
 }
 
 TEST_P(VethConformance, StatisticsAddUp) {
