@@ -23,7 +23,7 @@ enum vstore_opcode : uint16_t {
 
 // Per-request flags.
 enum : uint16_t {
-  VSTORE_REQ_FUA = 1u << 0,       // write is durable before completion
+  VSTORE_REQ_FUA = 1u << 0,       // write, write-zeroes or discard is durable before completion
   VSTORE_REQ_NO_UNMAP = 1u << 1,  // write-zeroes must keep the range allocated
 };
 

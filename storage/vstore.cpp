@@ -365,7 +365,8 @@ vstore_io* Vstore::release_slot_locked(slot& s, int status) {
 void Vstore::finish_io(vstore_io* io) {
   int status = io->priv.status;
   bool fua_emulated = (io->flags & core::VSTORE_REQ_FUA) && !has(core::VSTORE_F_FUA) && has(core::VSTORE_F_FLUSH) &&
-                      (io->opcode == core::VSTORE_OP_WRITE || io->opcode == core::VSTORE_OP_WRITE_ZEROES);
+                      (io->opcode == core::VSTORE_OP_WRITE || io->opcode == core::VSTORE_OP_WRITE_ZEROES ||
+                       io->opcode == core::VSTORE_OP_DISCARD);
   if (status == 0 && io->priv.phase == 0 && fua_emulated) {
     stats_.add(stats_.emulated);
     io->priv.phase = 1;
@@ -485,9 +486,10 @@ core::result<void> Vstore::flush() {
   return run_sync(io);
 }
 
-core::result<void> Vstore::discard(uint64_t offset, uint64_t length) {
+core::result<void> Vstore::discard(uint64_t offset, uint64_t length, uint16_t flags) {
   vstore_io io;
   io.opcode = core::VSTORE_OP_DISCARD;
+  io.flags = flags;
   io.offset = offset;
   io.length = length;
   return run_sync(io);

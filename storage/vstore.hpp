@@ -90,7 +90,7 @@ class Vstore {
   core::result<void> readv(uint64_t offset, std::span<const iovec> iov);
   core::result<void> writev(uint64_t offset, std::span<const iovec> iov, uint16_t flags = 0);
   core::result<void> flush();
-  core::result<void> discard(uint64_t offset, uint64_t length);
+  core::result<void> discard(uint64_t offset, uint64_t length, uint16_t flags = 0);
   core::result<void> write_zeroes(uint64_t offset, uint64_t length, uint16_t flags = 0);
 
   // Blocks until nothing is in flight or queued.

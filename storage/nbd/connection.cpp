@@ -218,7 +218,6 @@ bool connection::do_handshake() {
   exp_ = shared_.exports[hs.export_index()].get();
   disk_ = exp_->cfg.disk.get();
   geo_ = exp_->geometry;
-  trim_flush_ = disk_->has(core::VSTORE_F_DISCARD) && !disk_->has(core::VSTORE_F_FUA);
   exp_->connections.fetch_add(1, std::memory_order_relaxed);
   if (!rbuf_) rbuf_ = std::make_unique<uint8_t[]>(rbuf_size);
   spdlog::info("nbd: connection {} from {}: export '{}'", id_, peer_, exp_->cfg.name);
@@ -242,7 +241,6 @@ connection::slot* connection::acquire(uint64_t bytes) {
     s->charged = bytes;
   }
   s->error = 0;
-  s->flush_after = 0;
   s->with_data = false;
   s->next = nullptr;
   return s;
@@ -363,10 +361,7 @@ bool connection::start_request(const request& r, const request_verdict& v) {
       break;
     case NBD_CMD_TRIM:
       io.opcode = core::VSTORE_OP_DISCARD;
-      if (fua) {
-        io.flags |= core::VSTORE_REQ_FUA;
-        if (trim_flush_) s->flush_after = 1;
-      }
+      if (fua) io.flags |= core::VSTORE_REQ_FUA;  // Vstore flushes after it where the transport lacks FUA
       break;
     case NBD_CMD_WRITE_ZEROES:
       io.opcode = core::VSTORE_OP_WRITE_ZEROES;
@@ -476,21 +471,13 @@ void connection::on_done(vstore_io* io, int status) {
   slot* s = static_cast<slot*>(io->user);
   connection* c = s->conn;
   c->callbacks_.fetch_add(1, std::memory_order_acq_rel);
-  if (status == 0 && s->flush_after == 1) {
-    s->flush_after = 2;  // make the TRIM durable before the FUA reply
-    io->opcode = core::VSTORE_OP_FLUSH;
-    io->flags = 0;
-    io->offset = io->length = 0;
-    c->disk_->submit(io);
-  } else {
-    s->error = nbd_error_from_errno(status);
-    s->with_data = s->req.type == NBD_CMD_READ && s->error == NBD_SUCCESS;
-    c->io_.count(s->req.type, s->req.length, s->error != NBD_SUCCESS);
-    if (status != 0)
-      spdlog::debug("nbd: connection {}: {} offset {} length {} failed: {}", c->id_, command_name(s->req.type),
-                    s->req.offset, s->req.length, std::strerror(status < 0 ? -status : status));
-    c->queue_reply(s);
-  }
+  s->error = nbd_error_from_errno(status);
+  s->with_data = s->req.type == NBD_CMD_READ && s->error == NBD_SUCCESS;
+  c->io_.count(s->req.type, s->req.length, s->error != NBD_SUCCESS);
+  if (status != 0)
+    spdlog::debug("nbd: connection {}: {} offset {} length {} failed: {}", c->id_, command_name(s->req.type),
+                  s->req.offset, s->req.length, std::strerror(status < 0 ? -status : status));
+  c->queue_reply(s);
   c->callbacks_.fetch_sub(1, std::memory_order_acq_rel);
 }
 

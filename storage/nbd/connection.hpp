@@ -70,7 +70,6 @@ class connection {
     std::byte* buf = nullptr;  // payload buffer, 4 KiB aligned, reused
     size_t cap = 0;
     slot* next = nullptr;    // reply queue link
-    uint8_t flush_after = 0; // TRIM+FUA on a transport without native FUA: flush, then reply
     bool with_data = false;  // the reply carries the read data
     uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
   };
@@ -109,7 +108,6 @@ class connection {
   export_state* exp_ = nullptr;
   Vstore* disk_ = nullptr;
   export_geometry geo_;
-  bool trim_flush_ = false;  // TRIM+FUA needs a separate flush
   std::vector<slot> slots_;
 
   // Receive state (connection thread).

@@ -247,6 +247,18 @@ TEST(Vstore, EmulatesFuaWithAFlushAfterTheWrite) {
   EXPECT_EQ(log[1].opcode, core::VSTORE_OP_FLUSH);
 }
 
+TEST(Vstore, EmulatesFuaOnDiscardWithAFlush) {
+  auto v = Vstore::open(recorder_ops, "1M",
+                        {.options = "features=" + std::to_string(core::VSTORE_F_FLUSH | core::VSTORE_F_DISCARD)});
+  ASSERT_TRUE(v);
+  ASSERT_TRUE((*v)->discard(0, 8192, core::VSTORE_REQ_FUA));
+  auto& log = last_recorder->log;
+  ASSERT_EQ(log.size(), 2u);
+  EXPECT_EQ(log[0].opcode, core::VSTORE_OP_DISCARD);
+  EXPECT_EQ(log[0].flags & core::VSTORE_REQ_FUA, 0);
+  EXPECT_EQ(log[1].opcode, core::VSTORE_OP_FLUSH);
+}
+
 TEST(Vstore, PassesFuaThroughWhenTheTransportHasIt) {
   auto v = Vstore::open(recorder_ops, "1M",
                         {.options = "features=" + std::to_string(core::VSTORE_F_FLUSH | core::VSTORE_F_FUA)});
