@@ -136,6 +136,11 @@ std::vector<veth_target> veth_conformance_targets() {
        [](const temp_dir& d, core::registry& reg, const net::veth_options& o) { return daemon_pair(d, reg, "offload=1", o); }},
       {"daemon_no_offload", false, false,
        [](const temp_dir& d, core::registry& reg, const net::veth_options& o) { return daemon_pair(d, reg, "offload=0", o); }},
+      // The same over the socket alone (no shared-memory rings).
+      {"daemon_socket", false, false,
+       [](const temp_dir& d, core::registry& reg, const net::veth_options& o) {
+         return daemon_pair(d, reg, "offload=1&shm=0", o);
+       }},
       // Through a capture file: a writes it, b replays it as it grows.
       {"pcap", true, false,
        [](const temp_dir& d, core::registry& reg, const net::veth_options& o) -> core::result<std::unique_ptr<veth_pair>> {

@@ -130,6 +130,7 @@ void add_net_commands(CLI::App& app, context& ctx) {
     std::string sw, host = "tap:uvd0", mac, name;
     uint32_t mtu = 1500, queues = 1;
     int offload = 1;
+    int shm = 1;
     bool wait = false;
   };
   auto va = std::make_shared<veth_args>();
@@ -139,8 +140,12 @@ void add_net_commands(CLI::App& app, context& ctx) {
   ve->add_option("--mac", va->mac, "the NIC's MAC (default: random, locally administered)");
   ve->add_option("--mtu", va->mtu, "MTU (default 1500)");
   ve->add_option("--name", va->name, "port name at the switch (rate limits use it)");
-  ve->add_option("--queues", va->queues, "host-side queues (TAP multi-queue)");
+  ve->add_option("--queues", va->queues,
+                 "host-side queues (TAP IFF_MULTI_QUEUE), each read by a worker thread of its own (default 1)")
+      ->check(CLI::Range(1, 16));
   ve->add_option("--offload", va->offload, "1: checksum and TSO offload end to end (default); 0: plain frames");
+  ve->add_option("--shm", va->shm,
+                 "1: frames to the switch through shared-memory rings (default); 0: through its socket");
   ve->add_flag("--wait", va->wait, "start even if the switch is not up yet (link down until it is)");
   ve->callback([va, &ctx] {
     net::veth_options o;
@@ -154,7 +159,7 @@ void add_net_commands(CLI::App& app, context& ctx) {
     o.mtu = va->mtu;
     std::string off = va->offload ? "offload=1" : "offload=0";
     net::veth_options fo = o;
-    fo.options = off + (va->wait ? "&wait=1" : "") + (va->name.empty() ? "" : "&name=" + va->name);
+    fo.options = off + (va->shm ? "" : "&shm=0") + (va->wait ? "&wait=1" : "") + (va->name.empty() ? "" : "&name=" + va->name);
     auto front = net::Veth::open(*ctx.reg, switch_uri(va->sw), fo);
     if (!front) die(1, front.err().what());
     net::veth_options ho = o;
@@ -163,10 +168,13 @@ void add_net_commands(CLI::App& app, context& ctx) {
     auto host = net::Veth::open(*ctx.reg, va->host, ho);
     if (!host) die(1, host.err().what());
     int sig = stop_signals_fd();
-    std::printf("veth: %s:%s <-> %s:%s mac %s mtu %u\n", (*host)->transport_name().c_str(), (*host)->target().c_str(),
-                (*front)->transport_name().c_str(), (*front)->target().c_str(), o.mac->to_string().c_str(), o.mtu);
+    std::printf("veth: %s:%s (%u queues) <-> %s:%s mac %s mtu %u\n", (*host)->transport_name().c_str(),
+                (*host)->target().c_str(), (*host)->nqueues(), (*front)->transport_name().c_str(),
+                (*front)->target().c_str(), o.mac->to_string().c_str(), o.mtu);
     std::fflush(stdout);
-    auto r = net::pump(**front, **host, sig);
+    net::pump_options po;
+    po.queue_workers = (*host)->nqueues() > 1;
+    auto r = net::pump(**front, **host, sig, po);
     ::close(sig);
     if (!r) die(1, r.err().what());
     auto fs = (*front)->stats(), hs = (*host)->stats();

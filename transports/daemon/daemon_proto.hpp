@@ -18,6 +18,14 @@
 // A control client sends a hello with hello_control set; the switch answers
 // with welcome and then one stats message (text), and closes.
 //
+// Shared-memory frames (hello_shm): the hello carries, as SCM_RIGHTS, a
+// sealed memfd (F_SEAL_SHRINK | F_SEAL_GROW) of shm_layout::total(ring_order)
+// bytes and two eventfds, the front end's doorbell and the switch's. Frames
+// then travel through the two rings of frame_ring.hpp instead of the socket,
+// which stays open for control messages and to tell either side that the
+// other is gone. A welcome without hello_shm means the switch declined: frames
+// go over the socket.
+//
 // The switch trusts nothing: a first message that is not a well-formed hello
 // ends the connection; a frame message shorter than its header is counted as
 // truncated, a frame over the port's MTU (or over the receive buffer: the
@@ -44,6 +52,7 @@ enum msg_type : uint8_t {
 enum : uint16_t {
   hello_offload = 1u << 0,  // send me GSO and partial-checksum frames whole
   hello_control = 1u << 1,  // not a port: a stats query
+  hello_shm = 1u << 2,      // frames through shared-memory rings (fds attached)
 };
 
 struct hello_msg {
@@ -52,7 +61,7 @@ struct hello_msg {
   uint16_t flags;     // hello_*
   uint32_t magic;     // proto_magic
   uint8_t mac[6];     // the port's MAC: the only source MAC it may use
-  uint16_t reserved;
+  uint16_t ring_order;  // hello_shm: log2 of each ring's bytes (frame_ring.hpp limits), else 0
   uint32_t mtu;       // 68..65535
   char name[32];      // NUL-padded printable name, for rate limits and logs
 };

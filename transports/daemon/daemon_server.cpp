@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "transports/daemon/daemon.hpp"
+#include "transports/daemon/daemon_shm.hpp"
 #include "transports/daemon/daemon_socket.hpp"
 
 namespace uvd::daemon {
@@ -29,7 +30,7 @@ void size_buffers(int fd) {
 }
 
 int exchange(int fd, const void* msg, size_t len, void* buf, size_t cap, int timeout_ms) {
-  if (::send(fd, msg, len, MSG_NOSIGNAL) != static_cast<ssize_t>(len)) return -errno;
+  if (msg && ::send(fd, msg, len, MSG_NOSIGNAL) != static_cast<ssize_t>(len)) return -errno;
   pollfd p{fd, POLLIN, 0};
   int r = ::poll(&p, 1, timeout_ms);
   if (r == 0) return -ETIMEDOUT;
@@ -45,7 +46,8 @@ using clock = std::chrono::steady_clock;
 
 class daemon_port final : public net::port {
  public:
-  daemon_port(int fd, const hello_msg& h, uint32_t max_mtu) : fd_(fd), max_mtu_(max_mtu) {
+  daemon_port(int fd, const hello_msg& h, uint32_t max_mtu, std::unique_ptr<shm_conn> shm)
+      : fd_(fd), max_mtu_(max_mtu), shm_(std::move(shm)) {
     mac_ = net::mac_addr::from(h.mac);
     mtu_ = h.mtu;
     offload_ = h.flags & hello_offload;
@@ -58,8 +60,61 @@ class daemon_port final : public net::port {
   uint32_t rx_burst(core::veth_frame* frames, uint32_t n, net::port_stats& st) override {
     if (dead_) return 0;
     grow_rx(n);
+    if (shm_) return ring_rx(frames, n, st);
+    return socket_rx(frames, 0, n, st);
+  }
+
+  // Frames from the front end's transmit ring, copied out of shared memory
+  // before anything looks at them (the peer may rewrite them meanwhile).
+  uint32_t ring_rx(core::veth_frame* frames, uint32_t n, net::port_stats& st) {
+    ring_consumer& in = shm_->in();
+    uint32_t k = 0;
+    for (;;) {
+      while (k < n) {
+        uint8_t* buf = rx_buf_.get() + size_t(k) * rx_slot_;
+        uint32_t len = 0;
+        frame_hdr h;
+        auto r = in.pop(buf, rx_slot_ - 1, &len, &h);
+        if (r == ring_consumer::status::empty) break;
+        if (r == ring_consumer::status::broken) {
+          spdlog::warn("switch: port '{}' corrupted its transmit ring; dropping the port", name_);
+          ++st.rx_bad_msg;
+          dead_ = true;
+          return k;
+        }
+        if (r == ring_consumer::status::too_big) {
+          ++st.rx_oversize;
+          continue;
+        }
+        core::veth_frame& f = frames[k];
+        f.data = buf;
+        f.len = len;
+        if (h.type != msg_frame || !from_wire(h, &f)) {
+          ++st.rx_bad_msg;
+          continue;
+        }
+        ++k;
+      }
+      if (in.release()) shm_->kick_peer();
+      // The socket carries only control messages now, and the hang-up: look
+      // at it when idle, and now and then under load.
+      if (k < n || ++bursts_ % 64 == 0) k += socket_rx(frames, k, n, st);
+      if (k == n || dead_) break;
+      // Idle: clear the doorbell, ask for a kick, and look once more (a
+      // frame that came meanwhile would bring no kick).
+      shm_->drain_bell();
+      if (!in.arm_data()) break;
+    }
+    return k;
+  }
+
+  // Messages from the socket into frames[k..n).
+  uint32_t socket_rx(core::veth_frame* frames, uint32_t first, uint32_t n, net::port_stats& st) {
+    if (first >= n) return 0;
+    frames += first;
+    n -= first;
     for (uint32_t i = 0; i < n; ++i) {
-      rx_iov_[i] = iovec{rx_buf_.get() + size_t(i) * rx_slot_, rx_slot_};
+      rx_iov_[i] = iovec{rx_buf_.get() + size_t(first + i) * rx_slot_, rx_slot_};
       rx_msg_[i] = mmsghdr{};
       rx_msg_[i].msg_hdr.msg_iov = &rx_iov_[i];
       rx_msg_[i].msg_hdr.msg_iovlen = 1;
@@ -71,7 +126,7 @@ class daemon_port final : public net::port {
     }
     uint32_t k = 0;
     for (int i = 0; i < r; ++i) {
-      uint8_t* m = rx_buf_.get() + size_t(i) * rx_slot_;
+      uint8_t* m = rx_buf_.get() + size_t(first + i) * rx_slot_;
       uint32_t len = rx_msg_[i].msg_len;
       if (len == 0) {  // end of stream, or an empty message from a hostile peer
         pollfd p{fd_, POLLRDHUP, 0};
@@ -119,6 +174,23 @@ class daemon_port final : public net::port {
 
   uint32_t tx_burst(core::veth_frame* const* frames, uint32_t n) override {
     if (dead_) return 0;
+    if (shm_) {
+      // What does not fit is dropped (and counted by the switch), as a
+      // hardware switch drops at a full egress queue.
+      ring_producer& out = shm_->out();
+      uint32_t sent = 0;
+      for (; sent < n; ++sent) {
+        frame_hdr h;
+        to_wire(*frames[sent], &h);
+        if (!out.push(h, frames[sent]->data, frames[sent]->len)) break;
+      }
+      if (out.publish()) shm_->kick_peer();
+      if (!out.sane()) {
+        spdlog::warn("switch: port '{}' corrupted its receive ring; dropping the port", name_);
+        dead_ = true;
+      }
+      return sent;
+    }
     if (tx_hdr_.size() < n) {
       tx_hdr_.resize(n);
       tx_iov_.resize(2 * size_t(n));
@@ -144,7 +216,10 @@ class daemon_port final : public net::port {
     return sent;
   }
 
-  void fds(std::vector<int>& out) const override { out.push_back(fd_); }
+  void fds(std::vector<int>& out) const override {
+    out.push_back(fd_);
+    if (shm_) out.push_back(shm_->bell());
+  }
   bool alive() const override { return !dead_; }
   bool offloads() const override { return offload_; }
   uint32_t mtu() const override { return mtu_; }
@@ -167,6 +242,8 @@ class daemon_port final : public net::port {
   uint32_t mtu_ = 1500;
   bool offload_ = false;
   bool dead_ = false;
+  std::unique_ptr<shm_conn> shm_;
+  uint32_t bursts_ = 0;
   std::string name_;
   uint32_t rx_slot_ = 0;
   std::unique_ptr<uint8_t[]> rx_buf_;
@@ -247,8 +324,17 @@ class listener final : public net::port_source {
 
   void handshake(int fd, net::Netback& nb) {
     uint8_t buf[sizeof(hello_msg) + 1];
-    ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    int fds[3], nfds = 0;
+    int n = recv_with_fds(fd, buf, sizeof buf, fds, 3, &nfds);
+    if (n == -EAGAIN || n == -EWOULDBLOCK) return;
+    // Descriptors are only welcome with a hello that asks for rings.
+    struct fd_guard {
+      int* fds;
+      int& n;
+      ~fd_guard() {
+        for (int i = 0; i < n; ++i) ::close(fds[i]);
+      }
+    } guard{fds, nfds};
     if (n <= 0) return drop_pending(fd);
     hello_msg h;
     if (n != sizeof h) return refuse(fd, EPROTO, "first message is not a hello");
@@ -271,7 +357,9 @@ class listener final : public net::port_source {
       ::close(fd);
       return;
     }
-    if (h.flags & ~(hello_offload | hello_control)) return refuse(fd, EINVAL, "unknown hello flags");
+    if (h.flags & ~(hello_offload | hello_control | hello_shm)) return refuse(fd, EINVAL, "unknown hello flags");
+    if ((h.flags & hello_shm) && nfds != 3)
+      return refuse(fd, EINVAL, "a hello asking for rings must carry a memfd and two eventfds");
     net::mac_addr mac = net::mac_addr::from(h.mac);
     if (mac.is_multicast() || mac.is_zero()) return refuse(fd, EINVAL, "MAC " + mac.to_string() + " is not unicast");
     if (h.mtu < net::eth_min_mtu || h.mtu > o_.max_mtu)
@@ -284,11 +372,19 @@ class listener final : public net::port_source {
     std::optional<net::rate_limit> limit = o_.default_limit;
     if (auto it = o_.limits.find(name); it != o_.limits.end()) limit = it->second;
 
+    std::unique_ptr<shm_conn> shm;
+    if (h.flags & hello_shm) {
+      auto c = shm_conn::attach(fds[0], h.ring_order, fds[1], fds[2]);
+      nfds = 0;  // attach owns them now
+      if (!c) return refuse(fd, c.err().errnum(), c.err().what());
+      shm = std::move(*c);
+    }
     drop_pending(fd, false);
-    size_buffers(fd);
-    welcome_msg w{.type = msg_welcome, .version = proto_version, .flags = static_cast<uint16_t>(h.flags & hello_offload),
-                  .magic = proto_magic, .status = 0, .max_mtu = o_.max_mtu};
-    auto p = std::make_unique<daemon_port>(fd, h, o_.max_mtu);
+    if (!shm) size_buffers(fd);
+    welcome_msg w{.type = msg_welcome, .version = proto_version,
+                  .flags = static_cast<uint16_t>(h.flags & (hello_offload | hello_shm)), .magic = proto_magic,
+                  .status = 0, .max_mtu = o_.max_mtu};
+    auto p = std::make_unique<daemon_port>(fd, h, o_.max_mtu, std::move(shm));
     uint32_t id = nb.add_port(std::move(p), limit);
     w.port_id = id;
     [[maybe_unused]] ssize_t r = ::send(fd, &w, sizeof w, MSG_DONTWAIT | MSG_NOSIGNAL);

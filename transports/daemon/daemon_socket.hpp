@@ -53,8 +53,8 @@ inline bool from_wire(const frame_hdr& h, core::veth_frame* f) {
   return true;
 }
 
-// Sends one message and waits up to timeout_ms for one reply into buf;
-// returns the reply's length or -errno.
+// Sends one message (none when msg is null: it went already) and waits up to
+// timeout_ms for one reply into buf; returns the reply's length or -errno.
 int exchange(int fd, const void* msg, size_t len, void* buf, size_t cap, int timeout_ms);
 
 }  // namespace uvd::daemon

@@ -19,6 +19,7 @@
 
 #include "core/uri.hpp"
 #include "transports/daemon/daemon.hpp"
+#include "transports/daemon/daemon_shm.hpp"
 #include "transports/daemon/daemon_socket.hpp"
 
 namespace uvd::daemon {
@@ -30,6 +31,8 @@ struct daemon_dev {
   uint8_t mac[6];
   uint32_t mtu = 1500;
   bool offload = true;
+  bool want_shm = true;  // ask for shared-memory rings
+  uint32_t ring_order = ring_default_order;
   int reconnect_ms = 200;
   uint32_t max_mtu = 65535;
   const core::veth_host* host = nullptr;
@@ -40,6 +43,8 @@ struct daemon_dev {
   std::vector<mmsghdr> msg;
   std::vector<iovec> iov;
   std::vector<frame_hdr> hdr;
+  std::unique_ptr<shm_conn> shm;  // set while connected with rings
+  uint32_t want_room = 0;         // bytes the tx ring must free before tx_done
   std::atomic<uint64_t> rx_errors{0}, tx_dropped{0};
 
   ~daemon_dev() {
@@ -74,8 +79,27 @@ int connect_switch(daemon_dev& d, std::string* err) {
               .magic = proto_magic, .mtu = d.mtu};
   std::memcpy(h.mac, d.mac, 6);
   std::snprintf(h.name, sizeof h.name, "%s", d.name.c_str());
+  std::unique_ptr<shm_conn> shm;
+  if (d.want_shm) {
+    auto c = shm_conn::create(d.ring_order);
+    if (!c) {
+      ::close(fd);
+      *err = "cannot make the frame rings: " + c.err().what();
+      return -c.err().errnum();
+    }
+    shm = std::move(*c);
+    h.flags |= hello_shm;
+    h.ring_order = static_cast<uint16_t>(d.ring_order);
+    int fds[3];
+    shm->fds(fds);
+    if (int rc = send_with_fds(fd, &h, sizeof h, fds, 3); rc < 0) {
+      ::close(fd);
+      *err = std::string("cannot say hello to the switch at ") + d.path + ": " + std::strerror(-rc);
+      return rc;
+    }
+  }
   welcome_msg w{};
-  int n = exchange(fd, &h, sizeof h, &w, sizeof w, 3000);
+  int n = shm ? exchange(fd, nullptr, 0, &w, sizeof w, 3000) : exchange(fd, &h, sizeof h, &w, sizeof w, 3000);
   if (n != static_cast<int>(sizeof w) || w.type != msg_welcome || w.magic != proto_magic) {
     ::close(fd);
     *err = "the switch at " + d.path + " did not welcome us" + (n < 0 ? std::string(": ") + std::strerror(-n) : "");
@@ -90,11 +114,17 @@ int connect_switch(daemon_dev& d, std::string* err) {
   d.offload = d.offload && (w.flags & hello_offload);
   d.max_mtu = w.max_mtu ? w.max_mtu : 65535;
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
-  size_buffers(fd);
+  if (!(w.flags & hello_shm)) shm.reset();  // the switch declined: frames over the socket
+  if (!shm) size_buffers(fd);
   d.sock = fd;
   d.want_out = false;
+  d.shm = std::move(shm);
   epoll_event ev{.events = EPOLLIN | EPOLLRDHUP, .data = {.fd = fd}};
   ::epoll_ctl(d.ep, EPOLL_CTL_ADD, fd, &ev);
+  if (d.shm) {
+    epoll_event bev{.events = EPOLLIN, .data = {.fd = d.shm->bell()}};
+    ::epoll_ctl(d.ep, EPOLL_CTL_ADD, d.shm->bell(), &bev);
+  }
   itimerspec off{};
   ::timerfd_settime(d.timer, 0, &off, nullptr);
   return 0;
@@ -114,6 +144,8 @@ void lose_switch(daemon_dev& d) {
   ::epoll_ctl(d.ep, EPOLL_CTL_DEL, d.sock, nullptr);
   ::close(d.sock);
   d.sock = -1;
+  if (d.shm) ::epoll_ctl(d.ep, EPOLL_CTL_DEL, d.shm->bell(), nullptr);
+  d.shm.reset();
   spdlog::warn("daemon: lost the switch at {}; reconnecting every {} ms", d.path, d.reconnect_ms);
   arm_reconnect(d);
   if (d.host) d.host->link_changed(d.host->owner, 0);
@@ -134,6 +166,15 @@ int daemon_open(const core::veth_open_params* p, void** handle) {
     return -EINVAL;
   }
   if (core::find_option(opts, "offload", &v)) d->offload = v != "0";
+  if (core::find_option(opts, "shm", &v)) d->want_shm = v != "0";
+  if (core::find_option(opts, "ring_order", &v)) {
+    auto n = core::parse_size(v);
+    if (!n || *n < ring_min_order || *n > ring_max_order) {
+      set_err(p, "ring_order wants " + std::to_string(ring_min_order) + ".." + std::to_string(ring_max_order));
+      return -EINVAL;
+    }
+    d->ring_order = static_cast<uint32_t>(*n);
+  }
   bool wait = core::find_option(opts, "wait", &v) && v != "0";
   if (core::find_option(opts, "reconnect_ms", &v)) {
     auto n = core::parse_size(v);
@@ -175,6 +216,78 @@ int daemon_caps(void* h, core::veth_caps* out) {
   return 0;
 }
 
+// Frames into the transmit ring; a full ring stops the queue until the
+// switch frees enough for the first frame left (it kicks our doorbell).
+int shm_xmit(daemon_dev& d, core::veth_frame* const* frames, uint32_t n) {
+  ring_producer& out = d.shm->out();
+  uint32_t sent = 0;
+  while (sent < n) {
+    frame_hdr h;
+    to_wire(*frames[sent], &h);
+    if (out.push(h, frames[sent]->data, frames[sent]->len)) {
+      ++sent;
+      continue;
+    }
+    if (!out.sane()) {
+      d.tx_dropped.fetch_add(n - sent, std::memory_order_relaxed);
+      lose_switch(d);
+      return static_cast<int>(n);
+    }
+    uint32_t need = ring_producer::worst_case(frames[sent]->len);
+    if (out.arm_space(need)) continue;
+    d.want_room = need;
+    d.want_out = true;
+    break;
+  }
+  if (out.publish()) d.shm->kick_peer();
+  return static_cast<int>(sent);
+}
+
+// Frames out of the receive ring, copied into the front half's buffers.
+int shm_rx(daemon_dev& d, uint32_t q, core::veth_frame* frames, uint32_t budget) {
+  ring_consumer& in = d.shm->in();
+  uint32_t k = 0;
+  for (;;) {
+    if (d.want_out && d.shm->out().has_room(d.want_room)) {
+      d.want_out = false;
+      if (d.host) d.host->tx_done(d.host->owner, q);
+    }
+    while (k < budget) {
+      uint32_t len = 0;
+      frame_hdr h;
+      auto st = in.pop(frames[k].data, frames[k].len, &len, &h);
+      if (st == ring_consumer::status::empty) break;
+      if (st == ring_consumer::status::broken) {
+        spdlog::warn("daemon: the receive ring from {} is corrupt", d.path);
+        lose_switch(d);
+        return static_cast<int>(k);
+      }
+      core::veth_frame f = frames[k];
+      f.len = len;
+      if (st == ring_consumer::status::too_big || h.type != msg_frame || !from_wire(h, &f)) {
+        d.rx_errors.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      frames[k++] = f;
+    }
+    if (in.release()) d.shm->kick_peer();
+    if (k == budget) break;
+    // Idle: clear the doorbell, see whether the switch hung up, and ask for
+    // a kick before sleeping; anything that arrived meanwhile is taken now.
+    d.shm->drain_bell();
+    char c;
+    ssize_t r = ::recv(d.sock, &c, 1, MSG_DONTWAIT);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      lose_switch(d);
+      return static_cast<int>(k);
+    }
+    bool more = in.arm_data();
+    if (d.want_out && d.shm->out().has_room(d.want_room)) continue;
+    if (!more) break;
+  }
+  return static_cast<int>(k);
+}
+
 int daemon_xmit(void* h, uint32_t, core::veth_frame* const* frames, uint32_t n) {
   auto* d = static_cast<daemon_dev*>(h);
   std::lock_guard lk(d->mu);
@@ -182,6 +295,7 @@ int daemon_xmit(void* h, uint32_t, core::veth_frame* const* frames, uint32_t n) 
     d->tx_dropped.fetch_add(n, std::memory_order_relaxed);
     return static_cast<int>(n);
   }
+  if (d->shm) return shm_xmit(*d, frames, n);
   if (d->hdr.size() < n) {
     d->hdr.resize(n);
     d->iov.resize(2 * size_t(n));
@@ -230,6 +344,7 @@ int daemon_rx_poll(void* h, uint32_t q, core::veth_frame* frames, uint32_t budge
     if (d->host) d->host->link_changed(d->host->owner, 1);
     return 0;
   }
+  if (d->shm) return shm_rx(*d, q, frames, budget);
   if (d->want_out) {
     pollfd p{d->sock, POLLOUT, 0};
     if (::poll(&p, 1, 0) > 0 && (p.revents & POLLOUT)) {

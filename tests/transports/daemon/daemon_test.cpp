@@ -4,6 +4,9 @@
 // and front ends ride out a switch restart.
 #include "transports/daemon/daemon.hpp"
 
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -19,6 +22,7 @@
 #include "tests/testutil.hpp"
 #include "transports/builtin.hpp"
 #include "transports/daemon/daemon_proto.hpp"
+#include "transports/daemon/daemon_shm.hpp"
 
 using namespace uvd;
 using namespace std::chrono_literals;
@@ -216,6 +220,113 @@ TEST(Daemon, SecondSwitchOnALiveSocketIsRefused) {
   auto l = daemon::listen(path, {});
   ASSERT_FALSE(l);
   EXPECT_NE(l.err().message.find("already listening"), std::string::npos) << l.err().message;
+}
+
+// Sends a hello asking for rings with the given descriptors; returns the
+// welcome's status (and its flags), or -1 without one.
+int ring_hello_status(const std::string& path, daemon::hello_msg h, const int* fds, int nfds, uint16_t* flags = nullptr,
+                      int* keep_fd = nullptr) {
+  int fd = connect_to(path);
+  h.flags |= daemon::hello_shm;
+  EXPECT_EQ(daemon::send_with_fds(fd, &h, sizeof h, fds, nfds), 0);
+  daemon::welcome_msg w{};
+  ssize_t n = ::recv(fd, &w, sizeof w, 0);
+  if (flags) *flags = w.flags;
+  if (keep_fd)
+    *keep_fd = fd;
+  else
+    ::close(fd);
+  return n == sizeof w ? w.status : -1;
+}
+
+int sealed_memfd(size_t len, bool seal) {
+  int fd = ::memfd_create("t", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  EXPECT_EQ(::ftruncate(fd, static_cast<off_t>(len)), 0);
+  if (seal) ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
+  return fd;
+}
+
+TEST(Daemon, RingHelloNeedsASealedMemfdOfTheRightSizeAndEventfds) {
+  test::temp_dir dir;
+  std::string path = dir.file("sw.sock");
+  running_switch sw(path);
+  const uint32_t order = daemon::ring_min_order;
+  const size_t len = daemon::shm_layout::total(order);
+  auto h = good_hello();
+  h.ring_order = static_cast<uint16_t>(order);
+  int e1 = ::eventfd(0, EFD_CLOEXEC), e2 = ::eventfd(0, EFD_CLOEXEC);
+  int pipefd[2];
+  ASSERT_EQ(::pipe2(pipefd, O_CLOEXEC), 0);
+
+  EXPECT_EQ(ring_hello_status(path, h, nullptr, 0), EINVAL) << "no descriptors";
+  int unsealed = sealed_memfd(len, false);
+  int fds[3] = {unsealed, e1, e2};
+  EXPECT_EQ(ring_hello_status(path, h, fds, 3), EPERM) << "a memfd that can still shrink";
+  int small = sealed_memfd(len - 4096, true);
+  fds[0] = small;
+  EXPECT_EQ(ring_hello_status(path, h, fds, 3), EINVAL) << "a memfd of the wrong size";
+  int good = sealed_memfd(len, true);
+  fds[0] = good;
+  fds[1] = pipefd[1];
+  EXPECT_EQ(ring_hello_status(path, h, fds, 3), EINVAL) << "a pipe as doorbell";
+  fds[1] = e1;
+  auto bad_order = h;
+  bad_order.ring_order = 40;
+  EXPECT_EQ(ring_hello_status(path, bad_order, fds, 3), EINVAL) << "ring order 40";
+  uint16_t flags = 0;
+  EXPECT_EQ(ring_hello_status(path, h, fds, 3, &flags), 0);
+  EXPECT_TRUE(flags & daemon::hello_shm) << "the switch declined the rings";
+  for (int fd : {e1, e2, pipefd[0], pipefd[1], unsealed, small, good}) ::close(fd);
+}
+
+TEST(Daemon, CorruptRingDropsThePortAndTheSwitchGoesOn) {
+  test::temp_dir dir;
+  std::string path = dir.file("sw.sock");
+  running_switch sw(path);
+  auto conn = daemon::shm_conn::create(daemon::ring_min_order);
+  ASSERT_TRUE(conn) << conn.err().what();
+  int fds[3];
+  (*conn)->fds(fds);
+  auto h = good_hello();
+  h.ring_order = static_cast<uint16_t>(daemon::ring_min_order);
+  int sock = -1;
+  ASSERT_EQ(ring_hello_status(path, h, fds, 3, nullptr, &sock), 0);
+
+  // One good broadcast frame from the port's own MAC goes through.
+  auto frame = test::make_test_frame(200, net::broadcast_mac, net::mac_addr::from(h.mac), 1);
+  ASSERT_TRUE((*conn)->out().push(daemon::frame_hdr{.type = daemon::msg_frame}, frame.data(),
+                                  static_cast<uint32_t>(frame.size())));
+  (*conn)->out().publish();
+  (*conn)->kick_peer();
+  std::string s;
+  for (int i = 0; i < 100 && field(s, "rx_frames") != 1; ++i) {
+    std::this_thread::sleep_for(20ms);
+    auto t = daemon::query_stats(path);
+    ASSERT_TRUE(t) << t.err().what();
+    s = *t;
+  }
+  ASSERT_EQ(field(s, "rx_frames"), 1u) << s;
+
+  // Then the producer index jumps two rings ahead.
+  size_t len = daemon::shm_layout::total(daemon::ring_min_order);
+  void* base = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+  ASSERT_NE(base, MAP_FAILED);
+  auto* ctl = daemon::shm_layout::tx_ctl(base);
+  ctl->prod.store(ctl->prod.load() + (2u << daemon::ring_min_order));
+  (*conn)->kick_peer();
+  for (int i = 0; i < 100; ++i) {
+    std::this_thread::sleep_for(20ms);
+    auto t = daemon::query_stats(path);
+    ASSERT_TRUE(t) << "the switch stopped answering: " << t.err().what();
+    s = *t;
+    if (s.find("total ports=0") != std::string::npos) break;
+  }
+  EXPECT_NE(s.find("total ports=0"), std::string::npos) << "the port with a corrupt ring is still there:\n" << s;
+  EXPECT_EQ(field(s.substr(s.find("total")), "rx_bad_msg"), 1u) << s;
+  ::munmap(base, len);
+  char c;
+  EXPECT_EQ(::recv(sock, &c, 1, 0), 0) << "the switch should hang up on the port";
+  ::close(sock);
 }
 
 }  // namespace
