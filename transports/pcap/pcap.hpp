@@ -8,6 +8,8 @@
 // Options:
 //   in=PATH      replay this capture (microsecond or nanosecond pcap, either byte order)
 //   follow=1     at the end of `in`, wait for more, as `tail -f` (live tracing)
+//   speed=F      replay at the recorded pace (the gaps between timestamps),
+//                F times faster; without it, as fast as the receiver polls
 //   max_mtu=N    largest MTU (default 65535)
 // An empty target ("pcap:?in=x.pcap") transmits into nothing. Replayed records
 // that are shorter than an Ethernet header, longer than the MTU allows,

@@ -40,6 +40,13 @@ uint32_t swap32(uint32_t v) { return __builtin_bswap32(v); }
 struct pcap_dev {
   int out = -1, in = -1, timer = -1;
   bool follow = false, swapped = false, in_started = false, at_eof = false;
+  bool nanos = false;  // the replayed file's timestamps are in nanoseconds
+  // Paced replay: frames are due at their recorded offsets from the first
+  // one, divided by speed (0: as fast as the receiver takes them).
+  double speed = 0;
+  bool paced_started = false;
+  uint64_t first_ts_ns = 0;
+  std::chrono::steady_clock::time_point first_at;
   uint32_t max_mtu = 65535;
   // Input buffer: records are parsed from [pos, len); refilled with read().
   std::unique_ptr<uint8_t[]> buf;
@@ -55,9 +62,10 @@ struct pcap_dev {
     if (timer >= 0) ::close(timer);
   }
   // Wake the owner now (data may remain), after a while (following), or never.
-  void arm(long ns) {
+  void arm(int64_t ns) {
     itimerspec t{};
-    t.it_value.tv_nsec = ns;
+    t.it_value.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
+    t.it_value.tv_nsec = static_cast<long>(ns % 1'000'000'000);
     ::timerfd_settime(timer, 0, &t, nullptr);
   }
 };
@@ -95,6 +103,15 @@ int pcap_open(const core::veth_open_params* p, void** handle) {
     d->max_mtu = static_cast<uint32_t>(*n);
   }
   d->follow = core::find_option(opts, "follow", &v) && v != "0";
+  if (core::find_option(opts, "speed", &v)) {
+    char* end = nullptr;
+    double sp = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end || !(sp >= 0.001 && sp <= 1e6)) {
+      set_err(p, "speed wants a factor of the recorded pace, 0.001..1000000 (1: as recorded)");
+      return -EINVAL;
+    }
+    d->speed = sp;
+  }
   std::string target = p->target ? p->target : "";
   if (!target.empty()) {
     d->out = ::open(target.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -180,8 +197,10 @@ int pcap_rx_poll(void* h, uint32_t, core::veth_frame* frames, uint32_t budget) {
     d->pos += sizeof fh;
     if (fh.magic == magic_us || fh.magic == magic_ns) {
       d->swapped = false;
+      d->nanos = fh.magic == magic_ns;
     } else if (swap32(fh.magic) == magic_us || swap32(fh.magic) == magic_ns) {
       d->swapped = true;
+      d->nanos = swap32(fh.magic) == magic_ns;
     } else {
       d->rx_errors.fetch_add(1, std::memory_order_relaxed);  // not a pcap file: nothing to replay
       ::close(d->in);
@@ -200,6 +219,7 @@ int pcap_rx_poll(void* h, uint32_t, core::veth_frame* frames, uint32_t budget) {
   const uint32_t max_frame = net::max_frame_for_mtu(d->max_mtu);
   uint32_t n = 0;
   bool eof = false;
+  int64_t wait_ns = 0;  // paced: the next frame is not due for this long
   while (n < budget) {
     if (d->skip) {  // passing over an oversize record
       size_t have = d->len - d->pos;
@@ -220,6 +240,24 @@ int pcap_rx_poll(void* h, uint32_t, core::veth_frame* frames, uint32_t budget) {
     std::memcpy(&rh, d->buf.get() + d->pos, sizeof rh);  // copy, then validate
     uint32_t incl = d->swapped ? swap32(rh.incl_len) : rh.incl_len;
     uint32_t orig = d->swapped ? swap32(rh.orig_len) : rh.orig_len;
+    if (d->speed > 0) {
+      uint64_t sec = d->swapped ? swap32(rh.ts_sec) : rh.ts_sec;
+      uint64_t frac = d->swapped ? swap32(rh.ts_frac) : rh.ts_frac;
+      uint64_t ts = sec * 1'000'000'000 + frac * (d->nanos ? 1 : 1000);
+      auto now = std::chrono::steady_clock::now();
+      if (!d->paced_started) {
+        d->paced_started = true;
+        d->first_ts_ns = ts;
+        d->first_at = now;
+      }
+      // A timestamp that goes backwards is due at once (captures merged out of order).
+      double offset = ts > d->first_ts_ns ? double(ts - d->first_ts_ns) / d->speed : 0.0;
+      auto due = d->first_at + std::chrono::nanoseconds(static_cast<int64_t>(offset));
+      if (due > now) {
+        wait_ns = std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::nanoseconds>(due - now).count());
+        break;
+      }
+    }
     if (incl > max_frame || incl > frames[n].len) {  // oversize: skip its bytes
       d->pos += sizeof rh;
       d->skip = incl;
@@ -241,7 +279,9 @@ int pcap_rx_poll(void* h, uint32_t, core::veth_frame* frames, uint32_t budget) {
     frames[n].flags = 0;
     ++n;
   }
-  if (!eof) {
+  if (wait_ns) {
+    d->arm(wait_ns);  // paced: come back when the next frame is due
+  } else if (!eof) {
     d->arm(1);  // more may be waiting: come back at once
   } else if (d->follow) {
     d->arm(2'000'000);

@@ -44,9 +44,10 @@ struct capture {
     v = sw16(v, swap);
     bytes.append(reinterpret_cast<const char*>(&v), 2);
   }
-  void record(const std::vector<uint8_t>& f, uint32_t orig = 0, uint32_t claim = 0) {
-    put32(1);
-    put32(2);
+  void record(const std::vector<uint8_t>& f, uint32_t orig = 0, uint32_t claim = 0, uint32_t sec = 1,
+              uint32_t frac = 2) {
+    put32(sec);
+    put32(frac);
     put32(claim ? claim : static_cast<uint32_t>(f.size()));
     put32(orig ? orig : static_cast<uint32_t>(f.size()));
     bytes.append(reinterpret_cast<const char*>(f.data()), f.size());
@@ -97,6 +98,31 @@ TEST_F(Pcap, ReplaysOtherByteOrderAndNanosecondCaptures) {
     ASSERT_EQ(got.size(), 5u);
     for (uint32_t i = 0; i < 5; ++i) EXPECT_TRUE(test::check_test_frame(got[i].bytes.data(), 64 + i, i));
   }
+}
+
+// speed= replays at the recorded pace: frames recorded 0, 150 and 400 ms
+// apart arrive no sooner than that (divided by the speed), in order.
+TEST_F(Pcap, PacedReplayKeepsTheRecordedGaps) {
+  capture c;
+  c.record(test::make_test_frame(60, B, A, 0), 0, 0, 100, 0);
+  c.record(test::make_test_frame(60, B, A, 1), 0, 0, 100, 150000);
+  c.record(test::make_test_frame(60, B, A, 2), 0, 0, 100, 400000);
+  c.save(dir_.file("paced.pcap"));
+  for (double speed : {1.0, 2.0}) {
+    auto v = open("pcap:?in=" + dir_.file("paced.pcap") + "&speed=" + std::to_string(speed));
+    ASSERT_TRUE(v);
+    auto start = std::chrono::steady_clock::now();
+    std::vector<double> at;
+    for (uint32_t i = 0; i < 3; ++i) {
+      auto got = test::receive_frames(*v, 1, 5s);
+      ASSERT_EQ(got.size(), 1u) << "frame " << i << " at speed " << speed;
+      EXPECT_TRUE(test::check_test_frame(got[0].bytes.data(), 60, i));
+      at.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    EXPECT_GE(at[1], 150 / speed * 0.95) << "second frame came too early at speed " << speed;
+    EXPECT_GE(at[2], 400 / speed * 0.95) << "third frame came too early at speed " << speed;
+  }
+  EXPECT_FALSE(net::Veth::open(*reg_, "pcap:?in=" + dir_.file("paced.pcap") + "&speed=-1"));
 }
 
 TEST_F(Pcap, NotACaptureIsCountedNotReplayed) {
