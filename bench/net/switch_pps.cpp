@@ -2,8 +2,9 @@
 // Packets per second of the netback switch with 64-byte frames.
 //  - core: in-memory ports (a generator that always has a full burst, a
 //    sink that counts): the cost of switching itself
-//  - daemon: one front end floods 64-byte frames through the switch's Unix
-//    socket to another front end (three threads: sender, switch, receiver)
+//  - daemon: one front end floods 64-byte frames through the switch daemon
+//    to another front end (three threads: sender, switch, receiver), once
+//    through the shared-memory rings and once through the Unix socket
 // Prints one line per case.
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -106,7 +107,7 @@ void core_case() {
   std::printf("switch_pps core (in-memory ports, 64-byte frames): %.2f Mpps\n", count / s / 1e6);
 }
 
-void daemon_case() {
+void daemon_case(bool shm) {
   char tmpl[] = "/tmp/uvd-pps-XXXXXX";
   std::string dir = ::mkdtemp(tmpl);
   std::string sock = dir + "/sw.sock";
@@ -118,8 +119,9 @@ void daemon_case() {
   net::veth_options oa, ob;
   oa.mac = M(1);
   ob.mac = M(2);
-  auto a = net::Veth::open(*reg, "daemon://" + sock + "?name=a", oa);
-  auto b = net::Veth::open(*reg, "daemon://" + sock + "?name=b", ob);
+  std::string mode = shm ? "" : "&shm=0";
+  auto a = net::Veth::open(*reg, "daemon://" + sock + "?name=a" + mode, oa);
+  auto b = net::Veth::open(*reg, "daemon://" + sock + "?name=b" + mode, ob);
   if (!a || !b) {
     std::printf("switch_pps daemon: cannot attach\n");
     (*nb)->stop();
@@ -161,9 +163,9 @@ void daemon_case() {
   std::this_thread::sleep_for(200ms);
   stop = true;
   rx.join();
-  std::printf("switch_pps daemon (front end -> switch socket -> front end, 64-byte frames): %.2f Mpps delivered "
+  std::printf("switch_pps daemon, %s (front end -> switch -> front end, 64-byte frames): %.2f Mpps delivered "
               "(%.2f Mpps offered)\n",
-              got / s / 1e6, sent / s / 1e6);
+              shm ? "shared-memory rings" : "socket", got / s / 1e6, sent / s / 1e6);
   a->reset();
   b->reset();
   (*nb)->stop();
@@ -177,6 +179,7 @@ void daemon_case() {
 int main() {
   spdlog::set_level(spdlog::level::warn);
   core_case();
-  daemon_case();
+  daemon_case(true);
+  daemon_case(false);
   return 0;
 }
