@@ -67,7 +67,10 @@ struct vstore_req {
   uint16_t opcode;  // vstore_opcode
   uint16_t flags;   // VSTORE_REQ_*
   uint32_t tag;     // front-half slot, unique among in-flight requests (a ring id can be this)
-  uint32_t reserved;
+  // Fencing epoch (0: unfenced). A transport that has `fence` carries it to
+  // its back end, which refuses the request (-ESTALE) when the export's
+  // epoch is newer, so a late request of a fenced-off path never executes.
+  uint32_t epoch;
   void* ctx;        // the transport's per-request context: ctx_size bytes, preallocated, aligned 16
 };
 
@@ -141,6 +144,20 @@ struct vstore_ops {
   // thread): reap up to budget completions, calling complete() for each.
   // Returns the number reaped. Called by the front half while it waits.
   int (*poll)(void* handle, uint32_t budget);
+
+  // Optional (nullptr: the transport cannot fence). Synchronous, thread-safe,
+  // may block for a round trip but must return within the transport's own
+  // timeout (-ETIMEDOUT), never hang. Fencing is per export, shared by every
+  // path and back end that reaches it (storage/fence.hpp is the back-end side).
+  //   epoch > 0: make `epoch` the export's current epoch. From the return of
+  //     0 on, every request carrying a nonzero epoch older than it is refused
+  //     with -ESTALE and none is still executing. Epochs only grow: an epoch
+  //     not newer than the current one is refused with -ESTALE (someone else
+  //     fenced past it), nothing changed.
+  //   epoch == 0: a query; returns the export's current epoch (0..INT32_MAX).
+  // Epochs are 1..INT32_MAX. Path errors (classify_error) mean the fence did
+  // not reach the back end; the caller tries another path.
+  int (*fence)(void* handle, uint32_t epoch);
 };
 
 }  // namespace uvd::core

@@ -187,6 +187,7 @@ bool Vstore::fill_child(vstore_io* io, slot& s) {
   s.parent = io;
   s.iov.clear();
   r.flags = io->flags;
+  r.epoch = io->epoch;
   if (io->priv.phase == 1) {  // the flush that makes an emulated FUA write durable
     r.opcode = core::VSTORE_OP_FLUSH;
     r.flags = 0;
@@ -395,6 +396,15 @@ void Vstore::drain() {
       idle_cv_.wait(lk);
     }
   }
+}
+
+core::result<uint32_t> Vstore::fence(uint32_t epoch) {
+  if (!ops_.fence) return core::fail(ENOTSUP, transport_ + ":" + target_ + " cannot fence");
+  int rc = ops_.fence(handle_, epoch);
+  if (rc < 0)
+    return core::fail(-rc, "fence " + std::string(epoch ? "to epoch " + std::to_string(epoch) : "query") + " on " +
+                               transport_ + ":" + target_ + " failed");
+  return static_cast<uint32_t>(epoch ? epoch : rc);
 }
 
 namespace {

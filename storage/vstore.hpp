@@ -38,6 +38,7 @@ struct vstore_io {
   uint64_t length = 0;
   const struct iovec* iov = nullptr;
   uint32_t iovcnt = 0;
+  uint32_t epoch = 0;  // fencing epoch, carried to the transport (vstore_req::epoch); 0: unfenced
   void (*done)(vstore_io* io, int status) = nullptr;
   void* user = nullptr;
 
@@ -95,6 +96,12 @@ class Vstore {
 
   // Blocks until nothing is in flight or queued.
   void drain();
+
+  // The transport's fence op (see vstore_ops::fence): synchronous. fence(0)
+  // returns the export's current epoch; fence(e) makes e current. ENOTSUP
+  // when the transport cannot fence.
+  bool can_fence() const noexcept { return ops_.fence != nullptr; }
+  core::result<uint32_t> fence(uint32_t epoch);
 
   const core::vstore_info& info() const noexcept { return info_; }
   uint64_t size() const noexcept { return info_.size; }

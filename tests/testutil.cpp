@@ -138,14 +138,16 @@ std::string need_tool(const std::string& name, const std::string& package) {
   return {};
 }
 
+// The environment wins (a test run against another tree); else the tree
+// this test was built in.
 std::string build_dir() {
   const char* d = std::getenv("UVD_BUILD_DIR");
-  return d ? d : ".";
+  return d ? d : UVD_TEST_BUILD_DIR;
 }
 
 std::string source_dir() {
   const char* d = std::getenv("UVD_SOURCE_DIR");
-  return d ? d : ".";
+  return d ? d : UVD_TEST_SOURCE_DIR;
 }
 
 }  // namespace uvd::test

@@ -5,6 +5,7 @@
 
 #include "net/loop_veth.hpp"
 #include "storage/cow/cow.hpp"
+#include "storage/multipath/multipath.hpp"
 #include "transports/daemon/daemon.hpp"
 #include "transports/file/file.hpp"
 #include "transports/memory/memory.hpp"
@@ -18,6 +19,7 @@ void add_builtin(core::registry& reg) {
       &memory::memory_vstore_ops,
       &file::file_vstore_ops,
       &storage::cow_vstore_ops,
+      &storage::multipath_vstore_ops,
   };
   for (const auto* ops : builtin_vstores)
     if (auto r = reg.add_vstore(*ops); !r) spdlog::error("builtin transport: {}", r.err().what());

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "storage/cow/cow.hpp"
+#include "storage/multipath/multipath.hpp"
 
 namespace uvd::test {
 
@@ -26,7 +27,8 @@ core::result<std::string> file_uri(const temp_dir& dir, const std::string& optio
 
 // A base image full of a known pattern (so reads that fall through to it are
 // checked) and a fresh overlay over it.
-core::result<std::string> cow_uri(const temp_dir& dir, core::registry& reg) {
+core::result<std::string> cow_uri(const temp_dir& dir, core::registry& reg,
+                                  const std::function<std::string(const std::string&)>& base_uri = {}) {
   std::string base = dir.file("base.img");
   int fd = ::open(base.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) return core::fail(errno, "create " + base);
@@ -41,9 +43,22 @@ core::result<std::string> cow_uri(const temp_dir& dir, core::registry& reg) {
   }
   ::close(fd);
   std::string overlay = dir.file("guest.cow");
-  auto h = storage::create_cow_file(reg, overlay, "file://" + base);
+  auto h = storage::create_cow_file(reg, overlay, base_uri ? base_uri(base) : "file://" + base);
   if (!h) return core::fail(std::move(h).err());
   return "cow://" + overlay;
+}
+
+// Two paths to one file: the io_uring and the thread-pool engine each hold
+// their own descriptor, so requests really take different ways to the medium
+// (round-robin sends every other one down each).
+std::string multipath_2x_file_uri(const std::string& path) {
+  return storage::multipath_uri({"file://" + path + "?engine=uring", "file://" + path + "?engine=threads"},
+                                "policy=round-robin&check_interval=200ms");
+}
+
+// cow over multipath: the shared base reached over two paths, the overlay a file.
+core::result<std::string> cow_over_multipath_uri(const temp_dir& dir, core::registry& reg) {
+  return cow_uri(dir, reg, [](const std::string& base) { return multipath_2x_file_uri(base); });
 }
 
 }  // namespace
@@ -58,7 +73,17 @@ std::vector<conformance_target> conformance_targets() {
       {"file_uring", device_size, true, [](const temp_dir& d, core::registry&) { return file_uri(d, "engine=uring"); }},
       {"file_threads", device_size, true,
        [](const temp_dir& d, core::registry&) { return file_uri(d, "engine=threads"); }},
-      {"cow_over_file", device_size, true, cow_uri},
+      {"cow_over_file", device_size, true, [](const temp_dir& d, core::registry& r) { return cow_uri(d, r); }},
+      {"multipath_2x_file", device_size, true,
+       [](const temp_dir& d, core::registry&) -> core::result<std::string> {
+         return multipath_2x_file_uri(make_sparse_file(d.file("disk.img"), device_size));
+       }},
+      // One path that completes from another thread, fills up and splits.
+      {"multipath_1x_memory_async_split", device_size, false,
+       [](const temp_dir&, core::registry&) -> core::result<std::string> {
+         return storage::multipath_uri({"memory:64M?async=1&depth=8&max_transfer=64K&max_segments=4"});
+       }},
+      {"cow_over_multipath_2x_file", device_size, true, cow_over_multipath_uri},
   };
 }
 

@@ -19,6 +19,7 @@ struct context {
 
 void add_info_command(CLI::App& app, context& ctx);    // uvd info, uvd transports
 void add_cow_commands(CLI::App& app, context& ctx);    // uvd cow create|info|commit
+void add_fence_commands(CLI::App& app, context& ctx);  // uvd fence show|advance
 void add_serve_command(CLI::App& app, context& ctx);   // uvd serve (NBD export)
 void add_net_commands(CLI::App& app, context& ctx);    // uvd switch, switch-stats, veth
 

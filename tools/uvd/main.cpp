@@ -22,7 +22,6 @@ void die(int code, const std::string& message) {
 int main(int argc, char** argv) {
   CLI::App app{
       "uvd - unified virtual devices: one generic virtual disk and NIC over pluggable transports\n"
-      "(file, memory, cow, and plugins such as xen, rdma, tap).\n"
       "Devices are named by URI: file:///path/disk.img, memory:64M, cow:///path/overlay.cow"};
   app.set_version_flag("--version", std::string("uvd ") + UVD_VERSION);
   app.require_subcommand(1);
@@ -35,6 +34,7 @@ int main(int argc, char** argv) {
   uvd::cli::context ctx{reg.get()};
   uvd::cli::add_info_command(app, ctx);
   uvd::cli::add_cow_commands(app, ctx);
+  uvd::cli::add_fence_commands(app, ctx);
   uvd::cli::add_serve_command(app, ctx);
   uvd::cli::add_net_commands(app, ctx);
 
