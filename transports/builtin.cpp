@@ -11,6 +11,7 @@
 #include "transports/memory/memory.hpp"
 #include "transports/pcap/pcap.hpp"
 #include "transports/tap/tap.hpp"
+#include "transports/xen/xen.hpp"
 
 namespace uvd::transports {
 
@@ -19,6 +20,7 @@ void add_builtin(core::registry& reg) {
       &memory::memory_vstore_ops,
       &file::file_vstore_ops,
       &storage::cow_vstore_ops,
+      &xen::xen_vstore_ops,
       &storage::multipath_vstore_ops,
   };
   for (const auto* ops : builtin_vstores)
@@ -28,6 +30,7 @@ void add_builtin(core::registry& reg) {
       &tap::tap_veth_ops,
       &daemon::daemon_veth_ops,
       &pcap::pcap_veth_ops,
+      &xen::xen_veth_ops,
   };
   for (const auto* ops : builtin_veths)
     if (auto r = reg.add_veth(*ops); !r) spdlog::error("builtin transport: {}", r.err().what());

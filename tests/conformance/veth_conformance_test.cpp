@@ -34,6 +34,9 @@ class VethConformance : public ::testing::TestWithParam<veth_target> {
   void open_pair(net::veth_options o) {
     pair_.reset();
     auto p = GetParam().make(dir_, *reg_, o);
+    // ENODEV: this machine lacks what the target needs (an RDMA device); the
+    // harness that has it runs the target for real.
+    if (!p && p.err().errnum() == ENODEV) GTEST_SKIP() << GetParam().name << " skipped: " << p.err().what();
     ASSERT_TRUE(p) << GetParam().name << ": " << p.err().what();
     pair_ = std::move(*p);
     ASSERT_TRUE(pair_->a && pair_->b);

@@ -6,6 +6,8 @@
 #include "net/netback.hpp"
 #include "tests/net/net_testutil.hpp"
 #include "transports/daemon/daemon.hpp"
+#include "transports/xen/local/local.hpp"
+#include "transports/xen/vif_back.hpp"
 
 namespace uvd::test {
 
@@ -110,6 +112,110 @@ core::result<std::unique_ptr<veth_pair>> daemon_pair(const temp_dir& dir, core::
   return p;
 }
 
+// Two netif front ends (domains 1 and 2) through the netback switch, whose
+// ports are the back end's virtual interfaces, over the host-local hypervisor.
+struct xen_net_env {
+  std::unique_ptr<xen::local_hub> hub;
+  std::unique_ptr<net::Netback> nb;  // owns the vif back end (a port source)
+  xen::vif_backend* vifs = nullptr;
+  std::thread loop;
+  ~xen_net_env() {
+    if (nb) nb->stop();
+    if (loop.joinable()) loop.join();
+    nb.reset();
+    hub.reset();
+  }
+};
+
+core::result<std::unique_ptr<veth_pair>> xen_local_pair(const temp_dir& dir, core::registry& reg,
+                                                        const net::veth_options& opts) {
+  auto env = std::make_shared<xen_net_env>();
+  auto hub = xen::local_hub::start(dir.file("xen-hub.sock"));
+  if (!hub) return core::fail(std::move(hub).err());
+  env->hub = std::move(*hub);
+  auto hv = xen::open_local_hypervisor(env->hub->socket_path(), 0);
+  if (!hv) return core::fail(std::move(hv).err());
+  auto vb = xen::vif_backend::start(std::shared_ptr<xen::hypervisor>(std::move(*hv)));
+  if (!vb) return core::fail(std::move(vb).err());
+  for (xen::domid_t d : {1, 2})
+    if (auto r = (*vb)->add_vif(d, 0, std::nullopt); !r) return core::fail(std::move(r).err());
+  env->vifs = vb->get();
+  auto nb = net::Netback::create();
+  if (!nb) return core::fail(std::move(nb).err());
+  env->nb = std::move(*nb);
+  env->nb->add_source(std::move(*vb));
+  env->loop = std::thread([e = env.get()] { (void)e->nb->run(); });
+  auto p = std::make_unique<veth_pair>();
+  p->env = env;
+  std::string base = "xen://0/0?hub=" + env->hub->socket_path() + "&domid=";
+  auto a = net::Veth::open(reg, base + "1", opts);
+  if (!a) return core::fail(std::move(a).err());
+  auto b = net::Veth::open(reg, base + "2", opts);
+  if (!b) return core::fail(std::move(b).err());
+  p->a = std::move(*a);
+  p->b_owned = std::move(*b);
+  p->b = p->b_owned.get();
+  p->outside_drops = [e = env.get()] {
+    auto d = e->vifs->dropped(2, 0);
+    return d ? *d : 0;
+  };
+  return p;
+}
+
+// xen_real: the same two netif front ends and vif back end through real Xen
+// (grants by gntalloc, mapped by gntdev, interdomain event channels, xenstore),
+// all in this domain talking to itself: vif handles 0 and 1 of our own domid.
+// Runs inside the nested-Xen harness (tests/e2e/xen); anywhere else there is
+// no /dev/xen, and the target reports ENODEV (skipped).
+struct xen_real_net_env {
+  std::unique_ptr<net::Netback> nb;  // owns the vif back end
+  xen::vif_backend* vifs = nullptr;
+  xen::domid_t self = 0;
+  std::thread loop;
+  ~xen_real_net_env() {
+    if (nb) nb->stop();
+    if (loop.joinable()) loop.join();
+    // xenstore outlives this process: the next pair attaches the same vifs afresh.
+    if (vifs)
+      for (uint32_t h : {0u, 1u}) (void)vifs->remove_vif(self, h);
+    nb.reset();
+  }
+};
+
+core::result<std::unique_ptr<veth_pair>> xen_real_pair(const temp_dir&, core::registry& reg,
+                                                       const net::veth_options& opts) {
+  auto hv = xen::open_real_hypervisor();
+  if (!hv) return core::fail(ENODEV, "needs a Xen domain with gntdev, gntalloc, evtchn and xenstore: " + hv.err().what());
+  auto env = std::make_shared<xen_real_net_env>();
+  env->self = (*hv)->self_domid();
+  auto vb = xen::vif_backend::start(std::shared_ptr<xen::hypervisor>(std::move(*hv)));
+  if (!vb) return core::fail(std::move(vb).err());
+  auto nb = net::Netback::create();
+  if (!nb) return core::fail(std::move(nb).err());
+  env->nb = std::move(*nb);
+  env->vifs = vb->get();
+  // The switch owns the back end from here on, so env->vifs stays valid until env goes.
+  env->nb->add_source(std::move(*vb));
+  for (uint32_t h : {0u, 1u})
+    if (auto r = env->vifs->add_vif(env->self, h, std::nullopt); !r) return core::fail(std::move(r).err());
+  env->loop = std::thread([e = env.get()] { (void)e->nb->run(); });
+  auto p = std::make_unique<veth_pair>();
+  p->env = env;
+  std::string base = "xen://" + std::to_string(env->self) + "/";
+  auto a = net::Veth::open(reg, base + "0?hv=xen", opts);
+  if (!a) return core::fail(std::move(a).err());
+  auto b = net::Veth::open(reg, base + "1?hv=xen", opts);
+  if (!b) return core::fail(std::move(b).err());
+  p->a = std::move(*a);
+  p->b_owned = std::move(*b);
+  p->b = p->b_owned.get();
+  p->outside_drops = [e = env.get()] {
+    auto d = e->vifs->dropped(e->self, 1);
+    return d ? *d : 0;
+  };
+  return p;
+}
+
 }  // namespace
 
 std::vector<veth_target> veth_conformance_targets() {
@@ -155,6 +261,10 @@ std::vector<veth_target> veth_conformance_targets() {
          p->b = p->b_owned.get();
          return p;
        }},
+      // netfront -> grant rings -> netback switch port -> grant rings -> netfront.
+      {"xen_local", false, false, xen_local_pair},
+      // The same through real Xen, both ends in one domain (the nested-Xen harness).
+      {"xen_real", false, false, xen_real_pair},
   };
   return t;
 }

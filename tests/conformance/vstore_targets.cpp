@@ -8,6 +8,9 @@
 #include <vector>
 
 #include "storage/cow/cow.hpp"
+#include "storage/vstore.hpp"
+#include "transports/xen/blkback.hpp"
+#include "transports/xen/local/local.hpp"
 #include "storage/multipath/multipath.hpp"
 
 namespace uvd::test {
@@ -61,6 +64,63 @@ core::result<std::string> cow_over_multipath_uri(const temp_dir& dir, core::regi
   return cow_uri(dir, reg, [](const std::string& base) { return multipath_2x_file_uri(base); });
 }
 
+// xen_local: the blkif front end ("xen" transport) against blkback serving a
+// file, through the host-local hypervisor (grant tables, event channels and a
+// store in this process; the protocol is the same as between two domains).
+struct xen_local_backend {
+  std::unique_ptr<xen::local_hub> hub;
+  std::unique_ptr<xen::blkback> back;  // declared after hub: stops before it
+};
+
+core::result<std::string> xen_local_uri(const temp_dir& dir, core::registry& reg, std::shared_ptr<void>& keep) {
+  std::string path = make_sparse_file(dir.file("xen-disk.img"), device_size);
+  auto disk = storage::Vstore::open(reg, "file://" + path);
+  if (!disk) return core::fail(std::move(disk).err());
+  auto be = std::make_shared<xen_local_backend>();
+  auto hub = xen::local_hub::start(dir.file("xen-hub.sock"));
+  if (!hub) return core::fail(std::move(hub).err());
+  be->hub = std::move(*hub);
+  auto hv = xen::open_local_hypervisor(be->hub->socket_path(), 0);
+  if (!hv) return core::fail(std::move(hv).err());
+  auto back = xen::blkback::start(std::move(*hv));
+  if (!back) return core::fail(std::move(back).err());
+  be->back = std::move(*back);
+  if (auto r = be->back->add_device(1, 51712, std::shared_ptr<storage::Vstore>(std::move(*disk))); !r)
+    return core::fail(std::move(r).err());
+  keep = be;
+  return "xen://0/51712?hv=local&domid=1&hub=" + be->hub->socket_path();
+}
+
+// xen_real: the same blkfront -> blkback pair through real Xen (grants through
+// gntalloc/gntdev, an interdomain event channel, xenstore), both ends in this
+// domain talking to itself. Runs inside the nested-Xen harness (tests/e2e/xen);
+// anywhere else there is no /dev/xen, and the target reports ENODEV (skipped).
+struct xen_real_backend {
+  std::unique_ptr<xen::blkback> back;
+  xen::domid_t front = 0;
+  uint32_t vdev = 51712;
+  ~xen_real_backend() {
+    if (back) (void)back->remove_device(front, vdev);  // the next test attaches the same vdev afresh
+  }
+};
+
+core::result<std::string> xen_real_uri(const temp_dir& dir, core::registry& reg, std::shared_ptr<void>& keep) {
+  auto hv = xen::open_real_hypervisor();
+  if (!hv) return core::fail(ENODEV, "needs a Xen domain with gntdev, gntalloc, evtchn and xenstore: " + hv.err().what());
+  std::string path = make_sparse_file(dir.file("xen-disk.img"), device_size);
+  auto disk = storage::Vstore::open(reg, "file://" + path);
+  if (!disk) return core::fail(std::move(disk).err());
+  auto be = std::make_shared<xen_real_backend>();
+  be->front = (*hv)->self_domid();
+  auto back = xen::blkback::start(std::move(*hv));
+  if (!back) return core::fail(std::move(back).err());
+  be->back = std::move(*back);
+  if (auto r = be->back->add_device(be->front, be->vdev, std::shared_ptr<storage::Vstore>(std::move(*disk))); !r)
+    return core::fail(std::move(r).err());
+  keep = be;
+  return "xen://" + std::to_string(be->front) + "/" + std::to_string(be->vdev) + "?hv=xen";
+}
+
 }  // namespace
 
 std::vector<conformance_target> conformance_targets() {
@@ -84,6 +144,10 @@ std::vector<conformance_target> conformance_targets() {
          return storage::multipath_uri({"memory:64M?async=1&depth=8&max_transfer=64K&max_segments=4"});
        }},
       {"cow_over_multipath_2x_file", device_size, true, cow_over_multipath_uri},
+      // blkfront -> host-local grant ring -> blkback -> file.
+      {"xen_local", device_size, true, nullptr, xen_local_uri},
+      // blkfront -> real Xen grants/event channel/xenstore -> blkback -> file (nested-Xen dom0 only).
+      {"xen_real", device_size, true, nullptr, xen_real_uri},
   };
 }
 

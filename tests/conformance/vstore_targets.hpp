@@ -3,6 +3,7 @@
 // The transports and stacks the storage conformance suite runs over. Adding a
 // transport means adding one entry to conformance_targets().
 #include <functional>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -19,6 +20,11 @@ struct conformance_target {
   bool persistent;   // data survives close and reopen
   // Prepares backing storage in dir and returns the URI to open.
   std::function<core::result<std::string>(const temp_dir& dir, core::registry& reg)> make;
+  // Optional, used instead of make when set: for a device served by a back end
+  // that must keep running while the test uses it (xen_local). The fixture
+  // holds keep_alive until the test ends.
+  std::function<core::result<std::string>(const temp_dir& dir, core::registry& reg, std::shared_ptr<void>& keep_alive)>
+      make_served;
 };
 
 std::vector<conformance_target> conformance_targets();

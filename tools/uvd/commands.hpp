@@ -22,6 +22,7 @@ void add_cow_commands(CLI::App& app, context& ctx);    // uvd cow create|info|co
 void add_fence_commands(CLI::App& app, context& ctx);  // uvd fence show|advance
 void add_serve_command(CLI::App& app, context& ctx);   // uvd serve (NBD export)
 void add_net_commands(CLI::App& app, context& ctx);    // uvd switch, switch-stats, veth
+void add_xen_commands(CLI::App& app, context& ctx);    // uvd xen-back (blkif back end)
 
 // Opens a device named by URI, or by a bare path with `transport` (default
 // "file"): "disk.img", "file:///disk.img", "memory:64M", "cow:///o.cow".

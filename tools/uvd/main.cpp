@@ -22,6 +22,7 @@ void die(int code, const std::string& message) {
 int main(int argc, char** argv) {
   CLI::App app{
       "uvd - unified virtual devices: one generic virtual disk and NIC over pluggable transports\n"
+      "(file, memory, cow, and plugins such as xen, rdma, tap).\n"
       "Devices are named by URI: file:///path/disk.img, memory:64M, cow:///path/overlay.cow"};
   app.set_version_flag("--version", std::string("uvd ") + UVD_VERSION);
   app.require_subcommand(1);
@@ -37,6 +38,7 @@ int main(int argc, char** argv) {
   uvd::cli::add_fence_commands(app, ctx);
   uvd::cli::add_serve_command(app, ctx);
   uvd::cli::add_net_commands(app, ctx);
+  uvd::cli::add_xen_commands(app, ctx);
 
   app.parse_complete_callback([&] {
     if (auto r = uvd::core::init_logging(log_level); !r) uvd::cli::die(2, r.err().message);
