@@ -1,6 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "tests/conformance/veth_targets.hpp"
 
+#include <dirent.h>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <regex>
+#include <sstream>
 #include <thread>
 
 #include "net/netback.hpp"
@@ -216,6 +227,108 @@ core::result<std::unique_ptr<veth_pair>> xen_real_pair(const temp_dir&, core::re
   return p;
 }
 
+// `uvd switch --rdma` in a child process: two front ends over the rdma
+// transport (the plugin) on one Soft-RoCE device, the switch on another.
+// Inside the guest harness (tests/e2e/rdma_net) $UVD_RDMA_PEER_ADDR is the
+// switch's address and $UVD_RDMA_ADDR the front ends'; anywhere without an
+// RDMA device this is ENODEV, which the suite turns into a loud skip.
+struct switch_process {
+  pid_t pid = -1;
+  ~switch_process() {
+    if (pid <= 0) return;
+    kill(pid, SIGTERM);
+    int st = 0;
+    for (int i = 0; i < 100 && waitpid(pid, &st, WNOHANG) == 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (waitpid(pid, &st, WNOHANG) == 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+    }
+  }
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+core::result<std::unique_ptr<veth_pair>> rdma_pair(const temp_dir& dir, core::registry& reg, const std::string& options,
+                                                   const net::veth_options& opts) {
+  int devices = 0;
+  if (DIR* d = opendir("/sys/class/infiniband")) {
+    while (dirent* e = readdir(d))
+      if (e->d_name[0] != '.') ++devices;
+    closedir(d);
+  }
+  if (devices == 0)
+    return core::fail(ENODEV, "no RDMA device here (/sys/class/infiniband is empty); the Soft-RoCE guest runs this "
+                              "target (ctest -L e2e -R RdmaNet)");
+  const char* server = std::getenv("UVD_RDMA_PEER_ADDR");
+  const char* client = std::getenv("UVD_RDMA_ADDR");
+  if (!server || !*server)
+    return core::fail(ENODEV, "set UVD_RDMA_PEER_ADDR (switch) and UVD_RDMA_ADDR (front ends) to addresses of two "
+                              "RDMA devices");
+  // Each test's registry unloads the rdma plugin, and with it libibverbs and
+  // librdmacm, whose device lists live in globals they never free: keep them
+  // loaded for the life of the process (else LeakSanitizer reports those).
+  static void* const pinned = dlopen("librdmacm.so.1", RTLD_NOW | RTLD_NODELETE);
+  (void)pinned;
+  auto proc = std::make_shared<switch_process>();
+  std::string log = dir.file("switch.log"), sock = dir.file("switch.sock");
+  std::vector<std::string> argv{build_dir() + "/uvd", "switch", "--socket", sock, "--rdma", std::string(server) + ":0"};
+  pid_t pid = fork();
+  if (pid < 0) return core::fail(errno, "fork");
+  if (pid == 0) {
+    int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+    }
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  proc->pid = pid;
+  const std::regex line("rdma listening on [^ ]+:([0-9]+)");
+  std::string port;
+  for (int i = 0; i < 600 && port.empty(); ++i) {
+    std::smatch m;
+    std::string text = slurp(log);
+    if (std::regex_search(text, m, line)) {
+      port = m[1].str();
+      break;
+    }
+    int st = 0;
+    if (waitpid(pid, &st, WNOHANG) == pid) {
+      proc->pid = -1;
+      return core::fail(EIO, "uvd switch --rdma exited early: " + text);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (port.empty()) return core::fail(ETIMEDOUT, "uvd switch --rdma did not come up in 30 s: " + slurp(log));
+  auto p = std::make_unique<veth_pair>();
+  p->env = proc;
+  std::string base = "rdma://" + std::string(server) + ":" + port + "?" + options;
+  if (client && *client) base += std::string("&src=") + client;
+  auto a = net::Veth::open(reg, base + "&name=a", opts);
+  if (!a) return core::fail(std::move(a).err());
+  auto b = net::Veth::open(reg, base + "&name=b", opts);
+  if (!b) return core::fail(std::move(b).err());
+  p->a = std::move(*a);
+  p->b_owned = std::move(*b);
+  p->b = p->b_owned.get();
+  // The switch drops what finds no credit towards b (a full egress queue).
+  p->outside_drops = [sock] {
+    auto t = daemon::query_stats(sock);
+    return t ? stat_field(*t, "total", "tx_dropped") : 0;
+  };
+  return p;
+}
+
 }  // namespace
 
 std::vector<veth_target> veth_conformance_targets() {
@@ -265,6 +378,13 @@ std::vector<veth_target> veth_conformance_targets() {
       {"xen_local", false, false, xen_local_pair},
       // The same through real Xen, both ends in one domain (the nested-Xen harness).
       {"xen_real", false, false, xen_real_pair},
+      // Two front ends over RDMA (SEND/RECV with credits) through `uvd switch --rdma`.
+      {"rdma", false, false,
+       [](const temp_dir& d, core::registry& reg, const net::veth_options& o) { return rdma_pair(d, reg, "offload=1", o); }},
+      {"rdma_no_offload", false, false,
+       [](const temp_dir& d, core::registry& reg, const net::veth_options& o) {
+         return rdma_pair(d, reg, "offload=0", o);
+       }},
   };
   return t;
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "storage/cow/cow.hpp"
+#include "tests/conformance/vstore_rdma_targets.hpp"
 #include "storage/vstore.hpp"
 #include "transports/xen/blkback.hpp"
 #include "transports/xen/local/local.hpp"
@@ -148,6 +149,12 @@ std::vector<conformance_target> conformance_targets() {
       {"xen_local", device_size, true, nullptr, xen_local_uri},
       // blkfront -> real Xen grants/event channel/xenstore -> blkback -> file (nested-Xen dom0 only).
       {"xen_real", device_size, true, nullptr, xen_real_uri},
+      // uvd serve --rdma (3leaf) on one Soft-RoCE device, the rdma plugin on another: a raw
+      // file, a COW overlay served whole, and a local overlay over a base served read-only.
+      // ENODEV (skipped) without RDMA; tests/e2e/rdma runs them in a guest.
+      {"rdma", device_size, true, nullptr, rdma_file_uri},
+      {"rdma_cow", device_size, true, nullptr, rdma_cow_uri},
+      {"cow_over_rdma", device_size, true, nullptr, cow_over_rdma_uri},
   };
 }
 

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // uvd switch, uvd switch-stats, uvd veth: the network side from the shell.
+#include <dlfcn.h>
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include "net/veth_port.hpp"
 #include "tools/uvd/commands.hpp"
 #include "transports/daemon/daemon.hpp"
+#include "transports/rdma/net_rdma.hpp"
 
 namespace uvd::cli {
 
@@ -58,20 +60,54 @@ std::string switch_uri(const std::string& s) {
   return "daemon://" + s;
 }
 
+// The switch side of net over RDMA, from the rdma plugin (uvd itself does
+// not link libibverbs). The plugin stays loaded for the life of the process.
+const rdma::net_api* load_rdma_net(core::registry& reg) {
+  std::string where;
+  for (const std::string& dir : reg.plugin_dirs()) {
+    std::string path = dir + "/uvd-transport-rdma.so";
+    where += (where.empty() ? "" : ", ") + dir;
+    if (::access(path.c_str(), F_OK) != 0) continue;
+    dlerror();
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      const char* why = dlerror();
+      die(1, "cannot load the rdma transport " + path + ": " + (why ? why : "dlopen failed") +
+                 " (it needs libibverbs1 and librdmacm1: scripts/install-deps)");
+    }
+    using entry_fn = const rdma::net_api* (*)();
+    auto fn = reinterpret_cast<entry_fn>(dlsym(h, UVD_RDMA_NET_ENTRY_SYMBOL));
+    const rdma::net_api* api = fn ? fn() : nullptr;
+    if (!api || api->abi_version != rdma::NET_API_VERSION || api->struct_size < sizeof(rdma::net_api))
+      die(1, path + " does not carry the net-over-RDMA table of this uvd version");
+    return api;
+  }
+  die(1, "--rdma needs the rdma transport plugin (uvd-transport-rdma.so), which is in none of the plugin folders (" +
+             (where.empty() ? std::string("none configured") : where) + "); build it with libibverbs-dev and librdmacm-dev");
+}
+
 }  // namespace
 
 void add_net_commands(CLI::App& app, context& ctx) {
   // ---- uvd switch ----
-  auto* sw = app.add_subcommand("switch", "run the netback learning switch as a daemon on a Unix socket");
+  auto* sw = app.add_subcommand("switch", "run the netback learning switch as a daemon on a Unix socket and/or RDMA");
   struct switch_args {
     std::string socket;
     std::vector<std::string> uplinks, limits;
     std::string default_limit;
     unsigned ageing = 300;
     unsigned budget = 64;
+    std::vector<std::string> rdma;
+    unsigned rdma_depth = 32;
   };
   auto sa = std::make_shared<switch_args>();
-  sw->add_option("--socket,-s", sa->socket, "Unix socket front ends connect to (uvd veth --switch PATH)")->required();
+  sw->add_option("--socket,-s", sa->socket,
+                 "Unix socket front ends connect to (uvd veth --switch PATH); required unless --rdma is given");
+  sw->add_option("--rdma", sa->rdma,
+                 "also attach RDMA front ends (rdma://ADDR:PORT) listening on ADDR[:PORT] (port 7172 by default, "
+                 "0: any); the address picks the RDMA device (repeatable; needs the rdma plugin)");
+  sw->add_option("--rdma-depth", sa->rdma_depth, "receive buffers per RDMA port: its credits (default 32)")
+      ->check(CLI::Range(4, 1024));
   sw->add_option("--uplink", sa->uplinks, "a trusted port into the host kernel or elsewhere, e.g. tap:uvdup0 (repeatable)");
   sw->add_option("--limit", sa->limits,
                  "rate limit for the port of that name: NAME=BYTES/MICROSECONDS or NAME=100mbit (repeatable)");
@@ -92,6 +128,7 @@ void add_net_commands(CLI::App& app, context& ctx) {
       if (!r) die(2, r.err().message);
       lo.default_limit = *r;
     }
+    if (sa->socket.empty() && sa->rdma.empty()) die(2, "uvd switch needs --socket PATH or --rdma ADDR[:PORT]");
     net::netback_options no;
     no.ageing = std::chrono::seconds(sa->ageing);
     no.budget = sa->budget;
@@ -99,15 +136,41 @@ void add_net_commands(CLI::App& app, context& ctx) {
     if (!nb) die(1, nb.err().what());
     int sig = stop_signals_fd();
     (*nb)->add_source(std::make_unique<signal_source>(sig));
-    auto l = daemon::listen(sa->socket, lo);
-    if (!l) die(1, l.err().what());
-    (*nb)->add_source(std::move(*l));
+    if (!sa->socket.empty()) {
+      auto l = daemon::listen(sa->socket, lo);
+      if (!l) die(1, l.err().what());
+      (*nb)->add_source(std::move(*l));
+    }
+    if (!sa->rdma.empty()) {
+      const rdma::net_api* api = load_rdma_net(*ctx.reg);
+      rdma::net_listen_options ro;
+      ro.listen = sa->rdma;
+      ro.limits = lo.limits;
+      ro.default_limit = lo.default_limit;
+      ro.depth = sa->rdma_depth;
+      ro.log_level = std::string(spdlog::level::to_string_view(spdlog::get_level()).data());
+      std::vector<uint16_t> ports(sa->rdma.size());
+      net::port_source* src = nullptr;
+      char err[512] = "";
+      if (int rc = api->listen(&ro, &src, ports.data(), ports.size(), err, sizeof err); rc < 0)
+        die(1, std::string("--rdma: ") + err);
+      (*nb)->add_source(std::unique_ptr<net::port_source>(src));
+      for (size_t i = 0; i < sa->rdma.size(); ++i) {
+        const std::string& l = sa->rdma[i];
+        size_t colon = l.rfind(':'), bracket = l.rfind(']');
+        std::string host = colon != std::string::npos && (bracket == std::string::npos || colon > bracket)
+                               ? l.substr(0, colon)
+                               : l;
+        std::printf("switch: rdma listening on %s:%u (front ends: rdma://%s:%u?name=NAME)\n", host.c_str(), ports[i],
+                    host.c_str(), ports[i]);
+      }
+    }
     for (const auto& u : sa->uplinks) {
       auto v = net::Veth::open(*ctx.reg, u);
       if (!v) die(1, "uplink " + u + ": " + v.err().what());
       (*nb)->add_port(net::make_veth_port(std::move(*v)));
     }
-    std::printf("switch: listening on %s\n", sa->socket.c_str());
+    if (!sa->socket.empty()) std::printf("switch: listening on %s\n", sa->socket.c_str());
     std::fflush(stdout);
     if (auto r = (*nb)->run(); !r) die(1, r.err().what());
     std::fputs((*nb)->stats_text().c_str(), stdout);
@@ -160,6 +223,10 @@ void add_net_commands(CLI::App& app, context& ctx) {
     std::string off = va->offload ? "offload=1" : "offload=0";
     net::veth_options fo = o;
     fo.options = off + (va->shm ? "" : "&shm=0") + (va->wait ? "&wait=1" : "") + (va->name.empty() ? "" : "&name=" + va->name);
+    // Blocked before any transport starts threads of its own (the xen front
+    // end does): they inherit the mask, so SIGTERM reaches the signalfd and
+    // the pump detaches cleanly instead of killing the process.
+    int sig = stop_signals_fd();
     auto front = net::Veth::open(*ctx.reg, switch_uri(va->sw), fo);
     if (!front) die(1, front.err().what());
     net::veth_options ho = o;
@@ -167,7 +234,6 @@ void add_net_commands(CLI::App& app, context& ctx) {
     ho.nqueues = va->queues;
     auto host = net::Veth::open(*ctx.reg, va->host, ho);
     if (!host) die(1, host.err().what());
-    int sig = stop_signals_fd();
     std::printf("veth: %s:%s (%u queues) <-> %s:%s mac %s mtu %u\n", (*host)->transport_name().c_str(),
                 (*host)->target().c_str(), (*host)->nqueues(), (*front)->transport_name().c_str(),
                 (*front)->target().c_str(), o.mac->to_string().c_str(), o.mtu);

@@ -1,7 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// uvd serve: export virtual disks over NBD (storage/nbd) from flags or a
-// small config file, until SIGINT or SIGTERM.
+// uvd serve: export virtual disks over NBD (storage/nbd) and over RDMA (the
+// 3leaf server of the rdma plugin) from flags or a small config file, until
+// SIGINT or SIGTERM.
+#include <dlfcn.h>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -18,6 +22,7 @@
 #include "storage/nbd/nbd.hpp"
 #include "storage/vstore.hpp"
 #include "tools/uvd/commands.hpp"
+#include "transports/rdma/rdma.hpp"
 
 namespace uvd::cli {
 
@@ -40,17 +45,30 @@ constexpr const char* serve_footer = R"(Exports:
     max-in-flight = 64
     max-connections = 256
     busy-poll-us = 50
+    rdma = 192.168.1.10:7171        # repeatable: an RDMA listener
+    rdma-queue-depth = 64           # RPCs in flight per RDMA client
+    rdma-segments = 64              # pool segments per RDMA client
+    rdma-segment-size = 128K
 
     [export disk0]
     uri = file:///var/lib/images/disk0.img
     read-only = no
     description = the first disk
+    uuid = 6f1c0d4e-27a3-8b15-9c2e-4d5f60718293   # optional, RDMA
 
   Flags add to what the file says.
 
-Listening: without --unix or --tcp (here or in the config), uvd serves TCP on
-127.0.0.1:10809. Clients: qemu-img info nbd+unix:///NAME?socket=PATH,
+Listening: without --unix, --tcp or --rdma (here or in the config), uvd serves
+TCP on 127.0.0.1:10809. Clients: qemu-img info nbd+unix:///NAME?socket=PATH,
 nbdinfo nbd://127.0.0.1:10809/NAME, nbd-client, the Linux nbd driver.
+
+RDMA: --rdma ADDR[:PORT] (port 7171 by default, 0 for any) serves every export
+over RDMA in the 3leaf model to many clients at once, each with its own
+registered pool; clients open rdma://ADDR:PORT/NAME or rdma://ADDR:PORT/UUID.
+An export's UUID is derived from its medium and name, so it stays the same
+across restarts (or set it with uuid = in the config). RDMA comes from the
+rdma plugin (uvd-transport-rdma.so, needs libibverbs and librdmacm); the rest
+of uvd runs without it.
 
 Shutdown: SIGINT or SIGTERM stops accepting, lets every connection finish its
 in-flight requests and send their replies, flushes every export, logs
@@ -64,6 +82,7 @@ struct export_spec {
   std::string name;
   std::string uri;
   std::string description;
+  std::string uuid;  // RDMA export identity; empty: derived
   bool read_only = false;
 };
 
@@ -74,6 +93,10 @@ struct serve_config {
   uint32_t max_in_flight = 64;
   uint32_t max_connections = 256;
   uint32_t busy_poll_us = 50;
+  std::vector<std::string> rdma;
+  uint32_t rdma_queue_depth = 64;
+  uint32_t rdma_segments = 64;
+  uint32_t rdma_segment_size = 128 * 1024;
 };
 
 std::string trim(std::string s) {
@@ -162,11 +185,21 @@ void read_config(const std::string& path, serve_config& cfg) {
       else if (key == "max-in-flight") cfg.max_in_flight = parse_count(value, where, 1, 1024);
       else if (key == "max-connections") cfg.max_connections = parse_count(value, where, 1, 65536);
       else if (key == "busy-poll-us") cfg.busy_poll_us = parse_count(value, where, 0, 1000000);
+      else if (key == "rdma") cfg.rdma.push_back(value);
+      else if (key == "rdma-queue-depth") cfg.rdma_queue_depth = parse_count(value, where, 1, 256);
+      else if (key == "rdma-segments") cfg.rdma_segments = parse_count(value, where, 1, 128);
+      else if (key == "rdma-segment-size") {
+        auto n = core::parse_size(value);
+        if (!n || *n < 4096 || *n > (16u << 20) || (*n & (*n - 1)))
+          die(2, where + ": rdma-segment-size '" + value + "' is not a power of two in 4K..16M");
+        cfg.rdma_segment_size = static_cast<uint32_t>(*n);
+      }
       else die(2, where + ": unknown [server] key '" + key + "'");
     } else if (section == "export") {
       if (key == "uri") cur->uri = device_uri(value);
       else if (key == "read-only") cur->read_only = parse_bool(value, where);
       else if (key == "description") cur->description = value;
+      else if (key == "uuid") cur->uuid = value;
       else die(2, where + ": unknown [export] key '" + key + "'");
     } else {
       die(2, where + ": '" + key + "' outside a section");
@@ -179,7 +212,7 @@ void read_config(const std::string& path, serve_config& cfg) {
 
 struct serve_flags {
   std::vector<std::string> exports, positional;
-  std::vector<std::string> unix_paths, tcp;
+  std::vector<std::string> unix_paths, tcp, rdma;
   std::string config;
   uint32_t queue_depth = 0;
   uint32_t max_in_flight = 0;
@@ -188,6 +221,32 @@ struct serve_flags {
   bool read_only = false;
 };
 
+// The rdma plugin's server table. The plugin stays loaded for the life of
+// the process (its threads and exports may outlive any one scope here).
+const rdma::server_api* load_rdma_server(core::registry& reg) {
+  std::string where;
+  for (const std::string& dir : reg.plugin_dirs()) {
+    std::string path = dir + "/uvd-transport-rdma.so";
+    where += (where.empty() ? "" : ", ") + dir;
+    if (::access(path.c_str(), F_OK) != 0) continue;
+    dlerror();
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      const char* why = dlerror();
+      die(1, "cannot load the rdma transport " + path + ": " + (why ? why : "dlopen failed") +
+                 " (it needs libibverbs1 and librdmacm1: scripts/install-deps)");
+    }
+    using entry_fn = const rdma::server_api* (*)();
+    auto fn = reinterpret_cast<entry_fn>(dlsym(h, UVD_RDMA_SERVER_ENTRY_SYMBOL));
+    const rdma::server_api* api = fn ? fn() : nullptr;
+    if (!api || api->abi_version != rdma::SERVER_API_VERSION || api->struct_size < sizeof(rdma::server_api))
+      die(1, path + " does not carry an rdma server table of this uvd version");
+    return api;
+  }
+  die(1, "--rdma needs the rdma transport plugin (uvd-transport-rdma.so), which is in none of the plugin folders (" +
+             (where.empty() ? std::string("none configured") : where) + "); build it with libibverbs-dev and librdmacm-dev");
+}
+
 void run_serve(context& ctx, const serve_flags& f) {
   serve_config cfg;
   if (!f.config.empty()) read_config(f.config, cfg);
@@ -195,12 +254,15 @@ void run_serve(context& ctx, const serve_flags& f) {
   for (const std::string& e : f.positional) cfg.exports.push_back(parse_export_flag(e));
   cfg.unix_paths.insert(cfg.unix_paths.end(), f.unix_paths.begin(), f.unix_paths.end());
   cfg.tcp.insert(cfg.tcp.end(), f.tcp.begin(), f.tcp.end());
+  cfg.rdma.insert(cfg.rdma.end(), f.rdma.begin(), f.rdma.end());
   if (f.queue_depth) cfg.queue_depth = f.queue_depth;
   if (f.max_in_flight) cfg.max_in_flight = f.max_in_flight;
   if (f.max_connections) cfg.max_connections = f.max_connections;
   if (f.busy_poll_us >= 0) cfg.busy_poll_us = static_cast<uint32_t>(f.busy_poll_us);
   if (cfg.exports.empty()) die(2, "nothing to serve: give --export NAME=URI (or NAME=URI arguments, or --config FILE)");
-  if (cfg.unix_paths.empty() && cfg.tcp.empty()) cfg.tcp.push_back("127.0.0.1:10809");
+  if (cfg.unix_paths.empty() && cfg.tcp.empty() && cfg.rdma.empty()) cfg.tcp.push_back("127.0.0.1:10809");
+  const bool nbd = !cfg.unix_paths.empty() || !cfg.tcp.empty();
+  const rdma::server_api* rdma_api = cfg.rdma.empty() ? nullptr : load_rdma_server(*ctx.reg);
   for (size_t i = 0; i < cfg.exports.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (cfg.exports[i].name == cfg.exports[j].name) die(2, "two exports are named '" + cfg.exports[i].name + "'");
@@ -227,13 +289,44 @@ void run_serve(context& ctx, const serve_flags& f) {
     if (!v) die(1, "export '" + e.name + "': " + v.err().what());
     opts.exports.push_back({e.name, e.description, std::shared_ptr<storage::Vstore>(std::move(*v)), oo.read_only});
   }
-  auto srv = storage::nbd::server::create(opts);
-  if (!srv) die(1, srv.err().what());
-  if (auto r = (*srv)->start(); !r) die(1, r.err().what());
+  std::unique_ptr<storage::nbd::server> srv;
+  if (nbd) {
+    auto s = storage::nbd::server::create(opts);
+    if (!s) die(1, s.err().what());
+    srv = std::move(*s);
+    if (auto r = srv->start(); !r) die(1, r.err().what());
+  }
+  void* rdma_srv = nullptr;
+  std::vector<std::pair<std::string, std::string>> rdma_ids;
+  if (rdma_api) {
+    rdma::server_options ro;
+    ro.listen = cfg.rdma;
+    ro.queue_depth = cfg.rdma_queue_depth;
+    ro.segments = cfg.rdma_segments;
+    ro.segment_size = cfg.rdma_segment_size;
+    ro.busy_poll_us = cfg.busy_poll_us;
+    ro.log_level = std::string(spdlog::level::to_string_view(spdlog::get_level()).data());
+    for (size_t i = 0; i < cfg.exports.size(); ++i) {
+      auto e = rdma::export_of(*opts.exports[i].disk, cfg.exports[i].name, opts.exports[i].read_only);
+      e.uuid = cfg.exports[i].uuid;
+      ro.exports.push_back(std::move(e));
+    }
+    char err[512] = {};
+    if (int rc = rdma_api->start(&ro, &rdma_srv, err, sizeof err); rc < 0) die(1, err);
+    rdma_api->export_ids(rdma_srv, &rdma_ids);
+  }
 
   for (size_t i = 0; i < cfg.exports.size(); ++i) {
     const auto& d = *opts.exports[i].disk;
-    std::vector<std::string> uris = (*srv)->uris(cfg.exports[i].name);
+    std::vector<std::string> uris;
+    if (srv) uris = srv->uris(cfg.exports[i].name);
+    for (size_t k = 0; rdma_api && k < cfg.rdma.size(); ++k) {
+      auto hp = storage::nbd::parse_host_port(cfg.rdma[k]);
+      std::string host = hp ? hp->first : cfg.rdma[k];
+      if (host.find(':') != std::string::npos) host = "[" + host + "]";
+      std::string base = "rdma://" + host + ":" + std::to_string(rdma_api->port(rdma_srv, k)) + "/";
+      uris.push_back(base + cfg.exports[i].name + " (" + base + rdma_ids[i].second + ")");
+    }
     std::string where;
     for (size_t k = 0; k < uris.size(); ++k) where += (k ? " and " : "") + uris[k];
     fmt::print("serving export '{}' ({}, {}{}) on {}\n", cfg.exports[i].name, human_size(d.size()), cfg.exports[i].uri,
@@ -246,8 +339,21 @@ void run_serve(context& ctx, const serve_flags& f) {
   }
   fmt::print(stderr, "uvd: {} received, stopping: finishing in-flight requests and flushing\n",
              sig == SIGINT ? "SIGINT" : "SIGTERM");
-  (*srv)->stop();
-  srv->reset();
+  if (rdma_srv) {
+    // Clients first: their in-flight I/O completes and their pools go.
+    rdma::server_stats st;
+    rdma_api->stats(rdma_srv, &st);
+    rdma_api->stop_and_free(rdma_srv);
+    fmt::print(stderr, "uvd: rdma: {} clients, {} RPCs served, {} refused ({})\n", st.connections, st.rpcs, st.refused,
+               st.refusals);
+  }
+  if (srv) {
+    srv->stop();  // flushes every export
+    srv.reset();
+  } else {
+    for (auto& e : opts.exports)
+      if (auto r = e.disk->flush(); !r) fmt::print(stderr, "uvd: export '{}': {}\n", e.name, r.err().what());
+  }
   opts.exports.clear();
   pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
 }
@@ -255,7 +361,7 @@ void run_serve(context& ctx, const serve_flags& f) {
 }  // namespace
 
 void add_serve_command(CLI::App& app, context& ctx) {
-  auto* cmd = app.add_subcommand("serve", "Export virtual disks over NBD until SIGINT or SIGTERM");
+  auto* cmd = app.add_subcommand("serve", "Export virtual disks over NBD (and RDMA) until SIGINT or SIGTERM");
   auto f = std::make_shared<serve_flags>();
   // One value per use of a repeatable flag, so that positional exports after
   // "--tcp HOST:PORT" stay exports.
@@ -270,6 +376,11 @@ void add_serve_command(CLI::App& app, context& ctx) {
                   "listen on TCP HOST:PORT, [IPV6]:PORT or HOST (port 10809) (repeatable; the default listener, "
                   "when no --unix/--tcp is given anywhere, is 127.0.0.1:10809)")
       ->type_name("HOST:PORT")
+      ->allow_extra_args(false);
+  cmd->add_option("--rdma", f->rdma,
+                  "serve every export over RDMA (3leaf) on ADDR[:PORT] (port 7171 by default; repeatable; "
+                  "needs the rdma plugin)")
+      ->type_name("ADDR:PORT")
       ->allow_extra_args(false);
   cmd->add_option("-c,--config", f->config, "read exports and listeners from FILE (format below)")
       ->type_name("FILE");

@@ -1,0 +1,729 @@
+// SPDX-License-Identifier: Apache-2.0
+// The rdma client: vstore_ops over one RC connection to a uvd storage server.
+// Control path: rdma_cm resolve/connect, OPEN. Data path: submit() posts
+// RDMA WRITE + SEND (writes) or SEND (reads); one completion thread reaps the
+// CQ (sleeping on the completion channel, or spinning busy_poll_us first),
+// RDMA READs read data once the server replied, and completes requests.
+#include <netdb.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "core/log.hpp"
+#include "core/uri.hpp"
+#include "transports/rdma/protocol.hpp"
+#include "transports/rdma/rdma.hpp"
+#include "transports/rdma/verbs.hpp"
+
+namespace uvd::rdma {
+
+namespace {
+
+using core::vstore_req;
+
+
+// wr_id layout: kind in the top byte, slot (or segment) below.
+enum : uint64_t { WR_RECV = 1, WR_SEND = 2, WR_READ = 3, WR_WRITE = 4 };
+constexpr uint64_t wr_id(uint64_t kind, uint64_t slot) { return kind << 56 | slot; }
+constexpr uint64_t wr_kind(uint64_t id) { return id >> 56; }
+constexpr uint32_t wr_slot(uint64_t id) { return static_cast<uint32_t>(id & 0xffffffff); }
+
+struct rpc_slot {
+  vstore_req* req = nullptr;  // null: a control RPC (FENCE) or free
+  uint32_t gen = 0;
+  bool busy = false;
+  bool send_done = false;
+  bool reply_done = false;
+  int status = 0;
+  uint32_t reads_left = 0;
+  uint16_t nseg = 0;
+  uint16_t segs[max_segs_per_rpc] = {};
+  uint32_t last_len = 0;  // bytes used in the last segment
+  // control RPC result
+  bool ctl = false;
+  bool ctl_done = false;
+  uint32_t reply_epoch = 0;
+};
+
+struct client {
+  std::string target, host, port, export_name;
+  std::string src;  // local address to bind (picks the RDMA device), may be empty
+  int timeout_ms = 5000;
+  uint32_t busy_poll_us = 0;
+  uint32_t want_qd = 32;
+  bool read_only = false;
+  const core::vstore_host* host_cb = nullptr;
+
+  cm_channel_ptr ch;
+  cm_id_ptr id;
+  pd_ptr pd;
+  comp_channel_ptr cc;
+  cq_ptr cq;
+  registered_buffer msgs;     // qd receive buffers, then qd send buffers
+  registered_buffer staging;  // one local segment per server segment
+  uint32_t nbufs = 0;  // receive (and send) buffers: the queue depth asked for
+  uint32_t qd = 0;     // RPCs in flight: what the server granted (<= nbufs)
+  open_reply geo{};
+  uint32_t max_transfer = 0;
+
+  std::mutex mu;
+  std::vector<rpc_slot> slots;
+  std::vector<uint32_t> free_slots;
+  std::vector<uint16_t> free_segs;
+  std::condition_variable ctl_cv;
+  std::atomic<int> dead{0};  // 0, or the -errno every request now gets
+  int wake_fd = -1;
+  std::atomic<bool> stopping{false};
+  std::thread reaper;
+
+  std::byte* recv_buf(uint32_t i) { return msgs.data() + size_t{i} * msg_size; }
+  std::byte* send_buf(uint32_t i) { return msgs.data() + (size_t{nbufs} + i) * msg_size; }
+  std::byte* seg_buf(uint32_t s) { return staging.data() + size_t{s} * geo.segment_size; }
+
+  ~client();
+  core::result<void> connect();
+  core::result<void> open_export();
+  core::result<void> wait_ctl(uint32_t slot, int timeout_ms);
+  int submit(vstore_req* const* reqs, uint32_t n);
+  int post_rpc_locked(uint32_t s, vstore_req* r);
+  void run();
+  int reap(int budget);
+  void on_wc(const ibv_wc& wc, std::vector<std::pair<vstore_req*, int>>& done);
+  void finish_slot_locked(uint32_t s, std::vector<std::pair<vstore_req*, int>>& done);
+  void fail_all(int err, std::vector<std::pair<vstore_req*, int>>& done);
+  int fence(uint32_t epoch);
+};
+
+void set_err(const core::vstore_open_params* p, const std::string& msg) {
+  if (p->errbuf && p->errbuf_len) std::snprintf(p->errbuf, p->errbuf_len, "%s", msg.c_str());
+}
+
+client::~client() {
+  if (reaper.joinable()) {
+    stopping = true;
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t w = ::write(wake_fd, &one, sizeof one);
+    reaper.join();
+  }
+  if (id && id->qp) rdma_disconnect(id.get());
+  if (id && id->qp) rdma_destroy_qp(id.get());
+  if (cq) {
+    cq.reset();
+  }
+  cc.reset();
+  msgs.reset();
+  staging.reset();
+  pd.reset();
+  id.reset();
+  ch.reset();
+  if (wake_fd >= 0) ::close(wake_fd);
+}
+
+core::result<void> client::connect() {
+  auto hp = split_host_port(host + ":" + port, default_port);
+  if (!hp) return core::fail(std::move(hp).err());
+  rdma_event_channel* c = rdma_create_event_channel();
+  if (!c) return core::fail(errno, "rdma_create_event_channel (is the rdma_ucm module loaded?)");
+  ch.reset(c);
+  rdma_cm_id* raw = nullptr;
+  if (rdma_create_id(ch.get(), &raw, this, RDMA_PS_TCP) != 0) return core::fail(errno, "rdma_create_id");
+  id.reset(raw);
+
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* ai = nullptr;
+  if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &ai); rc != 0)
+    return core::fail(EHOSTUNREACH, "cannot resolve '" + host + "': " + gai_strerror(rc));
+  addrinfo* src_ai = nullptr;
+  if (!src.empty()) {
+    addrinfo sh{};
+    sh.ai_flags = AI_NUMERICHOST;
+    if (int grc = getaddrinfo(src.c_str(), nullptr, &sh, &src_ai); grc != 0) {
+      freeaddrinfo(ai);
+      return core::fail(EINVAL, "source address '" + src + "': " + gai_strerror(grc));
+    }
+  }
+  int rc = rdma_resolve_addr(id.get(), src_ai ? src_ai->ai_addr : nullptr, ai->ai_addr, timeout_ms);
+  int e = errno;
+  freeaddrinfo(ai);
+  if (src_ai) freeaddrinfo(src_ai);
+  if (rc != 0) return core::fail(e, "rdma_resolve_addr " + host + ":" + port + " (no RDMA device reaches it?)");
+  if (auto ev = expect_cm_event(ch.get(), RDMA_CM_EVENT_ADDR_RESOLVED, timeout_ms + 1000); !ev)
+    return core::fail(ev.err().errnum(), "resolve " + host + ":" + port + ": " + ev.err().message);
+  if (rdma_resolve_route(id.get(), timeout_ms) != 0) return core::fail(errno, "rdma_resolve_route");
+  if (auto ev = expect_cm_event(ch.get(), RDMA_CM_EVENT_ROUTE_RESOLVED, timeout_ms + 1000); !ev)
+    return core::fail(ev.err().errnum(), "route to " + host + ":" + port + ": " + ev.err().message);
+
+  ibv_pd* p = ibv_alloc_pd(id->verbs);
+  if (!p) return core::fail(errno ? errno : ENOMEM, "ibv_alloc_pd");
+  pd.reset(p);
+  ibv_comp_channel* cch = ibv_create_comp_channel(id->verbs);
+  if (!cch) return core::fail(errno, "ibv_create_comp_channel");
+  cc.reset(cch);
+
+  ibv_device_attr dev{};
+  if (ibv_query_device(id->verbs, &dev) != 0) return core::fail(errno, "ibv_query_device");
+  qd = std::clamp<uint32_t>(want_qd, 1, max_queue_depth);
+  nbufs = qd;
+  // Send queue: per RPC one SEND plus one RDMA WRITE or READ per segment.
+  uint32_t send_wr = std::min<uint32_t>(qd * (max_segs_per_rpc + 1) + 1, static_cast<uint32_t>(dev.max_qp_wr));
+  uint32_t cqe = std::min<uint32_t>(send_wr + qd + 1, static_cast<uint32_t>(dev.max_cqe));
+  ibv_cq* q = ibv_create_cq(id->verbs, static_cast<int>(cqe), this, cc.get(), 0);
+  if (!q) return core::fail(errno ? errno : ENOMEM, "ibv_create_cq of " + std::to_string(cqe) + " entries");
+  cq.reset(q);
+  if (auto r = create_rc_qp(id.get(), pd.get(), cq.get(), send_wr, qd, 1); !r) return r;
+
+  auto m = registered_buffer::make(pd.get(), size_t{qd} * 2 * msg_size, IBV_ACCESS_LOCAL_WRITE, "RPC buffers");
+  if (!m) return core::fail(std::move(m).err());
+  msgs = std::move(*m);
+  for (uint32_t i = 0; i < qd; ++i)
+    if (int prc = post_recv(id->qp, wr_id(WR_RECV, i), recv_buf(i), msg_size, msgs.lkey()); prc < 0)
+      return core::fail(-prc, "ibv_post_recv");
+
+  std::byte hello[hello_size];
+  conn_hello h;
+  h.queue_depth = static_cast<uint16_t>(qd);
+  encode_hello(h, hello);
+  rdma_conn_param cp{};
+  cp.private_data = hello;
+  cp.private_data_len = hello_size;
+  cp.initiator_depth = static_cast<uint8_t>(std::min(dev.max_qp_init_rd_atom, 16));
+  cp.responder_resources = 0;
+  cp.retry_count = 7;
+  cp.rnr_retry_count = 7;  // the server reposts a receive only after answering
+  if (rdma_connect(id.get(), &cp) != 0) return core::fail(errno, "rdma_connect to " + host + ":" + port);
+  auto ev = next_cm_event(ch.get(), timeout_ms + 1000);
+  if (!ev) return core::fail(ev.err().errnum(), "connect to " + host + ":" + port + ": " + ev.err().message);
+  if (ev->type == RDMA_CM_EVENT_REJECTED) {
+    auto a = decode_accept(ev->private_data);
+    if (a && a->status > 0)
+      return core::fail(a->status, "server " + host + ":" + port + " refused the connection: " + std::strerror(a->status));
+    return core::fail(ECONNREFUSED, "connection to " + host + ":" + port + " rejected (no uvd server on that port?)");
+  }
+  if (ev->type != RDMA_CM_EVENT_ESTABLISHED)
+    return core::fail(ECONNABORTED, std::string("connect to ") + host + ":" + port + ": " + cm_event_name(ev->type));
+  auto a = decode_accept(ev->private_data);
+  if (!a) return core::fail(EPROTO, "server answered the connection without a 3leaf accept: " + a.err().message);
+  if (a->version != protocol_version) return core::fail(EPROTO, "server chose 3leaf version " + std::to_string(a->version));
+  if (a->queue_depth == 0 || a->queue_depth > qd) return core::fail(EPROTO, "server granted queue depth " + std::to_string(a->queue_depth));
+  qd = a->queue_depth;  // fewer credits than receives posted: harmless
+  return core::ok();
+}
+
+// A synchronous control RPC during open, before the reaper runs: poll the CQ.
+core::result<void> client::open_export() {
+  std::byte* out = send_buf(0);
+  open_rpc o;
+  o.hdr.id = 1;
+  o.flags = read_only ? OPEN_READ_ONLY : 0;
+  o.name = export_name;
+  size_t len = encode_open(o, out);
+  ibv_sge sge{reinterpret_cast<uintptr_t>(out), static_cast<uint32_t>(len), msgs.lkey()};
+  ibv_send_wr wr{};
+  wr.wr_id = wr_id(WR_SEND, 0);
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.opcode = IBV_WR_SEND;
+  wr.send_flags = IBV_SEND_SIGNALED;
+  ibv_send_wr* bad = nullptr;
+  if (int rc = ibv_post_send(id->qp, &wr, &bad); rc != 0) return core::fail(rc, "ibv_post_send (OPEN)");
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  bool sent = false, got = false;
+  while (!(sent && got)) {
+    ibv_wc wc[4];
+    int n = ibv_poll_cq(cq.get(), 4, wc);
+    if (n < 0) return core::fail(EIO, "ibv_poll_cq");
+    for (int i = 0; i < n; ++i) {
+      if (wc[i].status != IBV_WC_SUCCESS) return core::fail(ECONNRESET, "OPEN failed: " + wc_error_text(wc[i]));
+      if (wr_kind(wc[i].wr_id) == WR_SEND) {
+        sent = true;
+      } else if (wr_kind(wc[i].wr_id) == WR_RECV) {
+        uint32_t s = wr_slot(wc[i].wr_id);
+        auto r = decode_open_reply({recv_buf(s), wc[i].byte_len}, &geo);
+        if (!r) return core::fail(EPROTO, "bad OPEN reply: " + r.err().message);
+        if (geo.status < 0)
+          return core::fail(-geo.status, "server refused export '" + export_name + "': " + std::strerror(-geo.status));
+        if (int prc = post_recv(id->qp, wr_id(WR_RECV, s), recv_buf(s), msg_size, msgs.lkey()); prc < 0)
+          return core::fail(-prc, "ibv_post_recv");
+        got = true;
+      }
+    }
+    if (n == 0) {
+      if (std::chrono::steady_clock::now() > deadline) return core::fail(ETIMEDOUT, "no OPEN reply from the server");
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+  if (geo.block_size == 0 || (geo.block_size & (geo.block_size - 1)) || geo.segment_size < geo.block_size ||
+      geo.segment_size % geo.block_size || geo.nsegs == 0 || geo.max_segs == 0 || geo.max_segs > max_segs_per_rpc)
+    return core::fail(EPROTO, "server sent an unusable geometry (block " + std::to_string(geo.block_size) + ", segment " +
+                                  std::to_string(geo.segment_size) + " x " + std::to_string(geo.nsegs) + ")");
+  for (uint32_t i = 0; i < geo.nsegs; ++i)
+    if (geo.pool[i].length != geo.segment_size) return core::fail(EPROTO, "server pool segments differ in size");
+  uint64_t stage_bytes = uint64_t{geo.nsegs} * geo.segment_size;
+  auto st = registered_buffer::make(pd.get(), stage_bytes, IBV_ACCESS_LOCAL_WRITE, "staging segments");
+  if (!st) return core::fail(std::move(st).err());
+  staging = std::move(*st);
+  max_transfer = geo.segment_size * std::min(geo.max_segs, geo.nsegs);
+  slots.assign(qd, {});
+  for (uint32_t i = qd; i-- > 0;) free_slots.push_back(i);
+  for (uint32_t i = geo.nsegs; i-- > 0;) free_segs.push_back(static_cast<uint16_t>(i));
+  return core::ok();
+}
+
+// Builds and posts the RPC of slot s (segments already allocated). mu held.
+int client::post_rpc_locked(uint32_t s, vstore_req* r) {
+  rpc_slot& sl = slots[s];
+  io_rpc rpc;
+  switch (r->opcode) {
+    case core::VSTORE_OP_READ: rpc.hdr.opcode = OP_READ; break;
+    case core::VSTORE_OP_WRITE: rpc.hdr.opcode = OP_WRITE; break;
+    case core::VSTORE_OP_FLUSH: rpc.hdr.opcode = OP_FLUSH; break;
+    case core::VSTORE_OP_DISCARD: rpc.hdr.opcode = OP_DISCARD; break;
+    case core::VSTORE_OP_WRITE_ZEROES: rpc.hdr.opcode = OP_WRITE_ZEROES; break;
+    default: return -EINVAL;
+  }
+  rpc.hdr.id = uint64_t{sl.gen} << 32 | s;
+  rpc.hdr.epoch = r->epoch;
+  rpc.offset = r->opcode == core::VSTORE_OP_FLUSH ? 0 : r->offset;
+  rpc.length = r->opcode == core::VSTORE_OP_FLUSH ? 0 : r->length;
+  rpc.flags = r->flags & known_rpc_flags;
+  rpc.nseg = sl.nseg;
+  for (uint16_t i = 0; i < sl.nseg; ++i) {
+    rpc.segs[i].handle = geo.pool[sl.segs[i]].handle;
+    rpc.segs[i].offset = 0;
+    rpc.segs[i].length = i + 1 == sl.nseg ? sl.last_len : geo.segment_size;
+  }
+  size_t len = encode_io(rpc, send_buf(s));
+
+  ibv_sge sges[max_segs_per_rpc + 1];
+  ibv_send_wr wrs[max_segs_per_rpc + 1] = {};
+  uint32_t n = 0;
+  if (r->opcode == core::VSTORE_OP_WRITE) {
+    // Data first, into the server's segments; the SEND behind it on the same
+    // RC queue pair is delivered only after the data was placed.
+    for (uint16_t i = 0; i < sl.nseg; ++i, ++n) {
+      sges[n] = {reinterpret_cast<uintptr_t>(seg_buf(sl.segs[i])), rpc.segs[i].length, staging.lkey()};
+      wrs[n].wr_id = wr_id(WR_WRITE, s);
+      wrs[n].sg_list = &sges[n];
+      wrs[n].num_sge = 1;
+      wrs[n].opcode = IBV_WR_RDMA_WRITE;
+      wrs[n].wr.rdma.remote_addr = geo.pool[sl.segs[i]].addr;
+      wrs[n].wr.rdma.rkey = geo.pool[sl.segs[i]].rkey;
+    }
+  }
+  sges[n] = {reinterpret_cast<uintptr_t>(send_buf(s)), static_cast<uint32_t>(len), msgs.lkey()};
+  wrs[n].wr_id = wr_id(WR_SEND, s);
+  wrs[n].sg_list = &sges[n];
+  wrs[n].num_sge = 1;
+  wrs[n].opcode = IBV_WR_SEND;
+  wrs[n].send_flags = IBV_SEND_SIGNALED;
+  ++n;
+  for (uint32_t i = 0; i + 1 < n; ++i) wrs[i].next = &wrs[i + 1];
+  ibv_send_wr* bad = nullptr;
+  int rc = ibv_post_send(id->qp, wrs, &bad);
+  return rc ? -rc : 0;
+}
+
+int client::submit(vstore_req* const* reqs, uint32_t n) {
+  std::lock_guard lk(mu);
+  if (int d = dead.load()) return d;
+  uint32_t taken = 0;
+  for (; taken < n; ++taken) {
+    vstore_req* r = reqs[taken];
+    bool data = r->opcode == core::VSTORE_OP_READ || r->opcode == core::VSTORE_OP_WRITE;
+    uint32_t need = data ? static_cast<uint32_t>((r->length + geo.segment_size - 1) / geo.segment_size) : 0;
+    if (data && (r->length == 0 || r->length > max_transfer)) return taken ? static_cast<int>(taken) : -EINVAL;
+    if (free_slots.empty() || free_segs.size() < need) break;
+    uint32_t s = free_slots.back();
+    free_slots.pop_back();
+    rpc_slot& sl = slots[s];
+    sl.req = r;
+    ++sl.gen;
+    sl.busy = true;
+    sl.send_done = sl.reply_done = sl.ctl = sl.ctl_done = false;
+    sl.status = 0;
+    sl.reads_left = 0;
+    sl.nseg = static_cast<uint16_t>(need);
+    for (uint32_t i = 0; i < need; ++i) {
+      sl.segs[i] = free_segs.back();
+      free_segs.pop_back();
+    }
+    sl.last_len = need ? static_cast<uint32_t>(r->length - uint64_t{need - 1} * geo.segment_size) : 0;
+    if (r->opcode == core::VSTORE_OP_WRITE) {
+      // Gather the caller's iovec into the staging segments.
+      uint32_t seg = 0, seg_off = 0;
+      for (uint32_t i = 0; i < r->iovcnt; ++i) {
+        auto* src = static_cast<const std::byte*>(r->iov[i].iov_base);
+        size_t left = r->iov[i].iov_len;
+        while (left) {
+          size_t k = std::min<size_t>(left, geo.segment_size - seg_off);
+          std::memcpy(seg_buf(sl.segs[seg]) + seg_off, src, k);
+          src += k;
+          left -= k;
+          seg_off += static_cast<uint32_t>(k);
+          if (seg_off == geo.segment_size) {
+            ++seg;
+            seg_off = 0;
+          }
+        }
+      }
+    }
+    if (int rc = post_rpc_locked(s, r); rc < 0) {
+      for (uint16_t i = 0; i < sl.nseg; ++i) free_segs.push_back(sl.segs[i]);
+      sl = {};
+      sl.gen = static_cast<uint32_t>(rc);  // keep gens moving; value irrelevant
+      free_slots.push_back(s);
+      spdlog::warn("rdma {}: ibv_post_send failed: {}", target, std::strerror(-rc));
+      return taken ? static_cast<int>(taken) : -ENOTCONN;
+    }
+  }
+  return static_cast<int>(taken);
+}
+
+// Frees slot s and queues its request's completion. mu held.
+void client::finish_slot_locked(uint32_t s, std::vector<std::pair<vstore_req*, int>>& done) {
+  rpc_slot& sl = slots[s];
+  if (sl.ctl) {
+    sl.ctl_done = true;
+    ctl_cv.notify_all();
+    return;  // the waiter frees it
+  }
+  if (sl.req) done.emplace_back(sl.req, sl.status);
+  for (uint16_t i = 0; i < sl.nseg; ++i) free_segs.push_back(sl.segs[i]);
+  uint32_t gen = sl.gen;
+  sl = {};
+  sl.gen = gen;
+  free_slots.push_back(s);
+  ctl_cv.notify_all();  // a fence may be waiting for a slot
+}
+
+void client::fail_all(int err, std::vector<std::pair<vstore_req*, int>>& done) {
+  int expected = 0;
+  if (dead.compare_exchange_strong(expected, err))
+    spdlog::warn("rdma {}: connection lost ({}); failing requests in flight", target, std::strerror(-err));
+  for (uint32_t s = 0; s < slots.size(); ++s) {
+    if (!slots[s].busy) continue;
+    slots[s].status = dead.load();
+    finish_slot_locked(s, done);
+  }
+}
+
+void client::on_wc(const ibv_wc& wc, std::vector<std::pair<vstore_req*, int>>& done) {
+  const uint64_t kind = wr_kind(wc.wr_id);
+  const uint32_t s = wr_slot(wc.wr_id);
+  if (wc.status != IBV_WC_SUCCESS) {
+    if (!dead.load() && wc.status != IBV_WC_WR_FLUSH_ERR)
+      spdlog::warn("rdma {}: work request failed: {}", target, wc_error_text(wc));
+    fail_all(-ECONNRESET, done);
+    return;
+  }
+  if (dead.load()) return;
+  if (kind == WR_RECV) {
+    if (s >= nbufs) return;
+    auto rep = decode_reply({recv_buf(s), wc.byte_len});
+    int prc = post_recv(id->qp, wr_id(WR_RECV, s), recv_buf(s), msg_size, msgs.lkey());
+    if (!rep || prc < 0) {
+      spdlog::warn("rdma {}: {}", target, rep ? "ibv_post_recv failed" : "bad reply from server: " + rep.err().message);
+      fail_all(-EPROTO, done);
+      return;
+    }
+    uint32_t rs = static_cast<uint32_t>(rep->hdr.id & 0xffffffff);
+    uint32_t gen = static_cast<uint32_t>(rep->hdr.id >> 32);
+    if (rs >= slots.size() || !slots[rs].busy || slots[rs].gen != gen || slots[rs].reply_done) {
+      spdlog::warn("rdma {}: reply for id {:#x}, which is not in flight", target, rep->hdr.id);
+      fail_all(-EPROTO, done);
+      return;
+    }
+    rpc_slot& sl = slots[rs];
+    sl.reply_done = true;
+    sl.status = rep->status;
+    sl.reply_epoch = rep->epoch;
+    if (sl.req && sl.req->opcode == core::VSTORE_OP_READ && rep->status == 0) {
+      // The data waits in the server's segments: fetch it.
+      ibv_sge sges[max_segs_per_rpc];
+      ibv_send_wr wrs[max_segs_per_rpc] = {};
+      for (uint16_t i = 0; i < sl.nseg; ++i) {
+        uint32_t len = i + 1 == sl.nseg ? sl.last_len : geo.segment_size;
+        sges[i] = {reinterpret_cast<uintptr_t>(seg_buf(sl.segs[i])), len, staging.lkey()};
+        wrs[i].wr_id = wr_id(WR_READ, rs);
+        wrs[i].sg_list = &sges[i];
+        wrs[i].num_sge = 1;
+        wrs[i].opcode = IBV_WR_RDMA_READ;
+        wrs[i].send_flags = IBV_SEND_SIGNALED;
+        wrs[i].wr.rdma.remote_addr = geo.pool[sl.segs[i]].addr;
+        wrs[i].wr.rdma.rkey = geo.pool[sl.segs[i]].rkey;
+        if (i) wrs[i - 1].next = &wrs[i];
+      }
+      sl.reads_left = sl.nseg;
+      ibv_send_wr* bad = nullptr;
+      if (int rc = ibv_post_send(id->qp, wrs, &bad); rc != 0) {
+        spdlog::warn("rdma {}: posting RDMA READ failed: {}", target, std::strerror(rc));
+        fail_all(-ECONNRESET, done);
+      }
+      return;
+    }
+    if (sl.send_done) finish_slot_locked(rs, done);
+    return;
+  }
+  if (s >= slots.size() || !slots[s].busy) return;
+  rpc_slot& sl = slots[s];
+  if (kind == WR_SEND) {
+    sl.send_done = true;
+    if (sl.reply_done && sl.reads_left == 0) finish_slot_locked(s, done);
+  } else if (kind == WR_READ) {
+    if (sl.reads_left && --sl.reads_left == 0) {
+      // Scatter the staging segments into the caller's iovec.
+      vstore_req* r = sl.req;
+      uint32_t seg = 0, seg_off = 0;
+      for (uint32_t i = 0; i < r->iovcnt; ++i) {
+        auto* dst = static_cast<std::byte*>(r->iov[i].iov_base);
+        size_t left = r->iov[i].iov_len;
+        while (left) {
+          size_t k = std::min<size_t>(left, geo.segment_size - seg_off);
+          std::memcpy(dst, seg_buf(sl.segs[seg]) + seg_off, k);
+          dst += k;
+          left -= k;
+          seg_off += static_cast<uint32_t>(k);
+          if (seg_off == geo.segment_size) {
+            ++seg;
+            seg_off = 0;
+          }
+        }
+      }
+      if (sl.send_done) finish_slot_locked(s, done);
+    }
+  }
+}
+
+int client::reap(int budget) {
+  ibv_wc wc[32];
+  int total = 0;
+  std::vector<std::pair<vstore_req*, int>> done;
+  while (total < budget) {
+    int n = ibv_poll_cq(cq.get(), std::min(32, budget - total), wc);
+    if (n <= 0) break;
+    std::lock_guard lk(mu);
+    for (int i = 0; i < n; ++i) on_wc(wc[i], done);
+    total += n;
+  }
+  for (auto& [r, st] : done) host_cb->complete(host_cb->owner, r, st);
+  return total;
+}
+
+void client::run() {
+  using clock = std::chrono::steady_clock;
+  auto last_work = clock::now();
+  for (;;) {
+    if (stopping.load()) return;
+    if (reap(256) > 0) {
+      last_work = clock::now();
+      continue;
+    }
+    if (busy_poll_us && clock::now() - last_work < std::chrono::microseconds(busy_poll_us)) continue;
+    if (ibv_req_notify_cq(cq.get(), 0) != 0) {
+      std::vector<std::pair<vstore_req*, int>> done;
+      {
+        std::lock_guard lk(mu);
+        fail_all(-EIO, done);
+      }
+      for (auto& [r, st] : done) host_cb->complete(host_cb->owner, r, st);
+    }
+    if (reap(256) > 0) {  // the final re-check after arming
+      last_work = clock::now();
+      continue;
+    }
+    pollfd p[3] = {{cc->fd, POLLIN, 0}, {ch->fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    int n = ::poll(p, 3, 1000);
+    if (n <= 0) continue;
+    if (p[0].revents & POLLIN) {
+      ibv_cq* ev_cq = nullptr;
+      void* ctx = nullptr;
+      if (ibv_get_cq_event(cc.get(), &ev_cq, &ctx) == 0) ibv_ack_cq_events(ev_cq, 1);
+    }
+    if (p[1].revents & POLLIN) {
+      auto ev = next_cm_event(ch.get(), 0);
+      if (ev && (ev->type == RDMA_CM_EVENT_DISCONNECTED || ev->type == RDMA_CM_EVENT_DEVICE_REMOVAL ||
+                 ev->type == RDMA_CM_EVENT_TIMEWAIT_EXIT)) {
+        std::vector<std::pair<vstore_req*, int>> done;
+        {
+          std::lock_guard lk(mu);
+          fail_all(-ENOTCONN, done);
+        }
+        for (auto& [r, st] : done) host_cb->complete(host_cb->owner, r, st);
+      }
+    }
+    if (p[2].revents & POLLIN) {
+      uint64_t v;
+      [[maybe_unused]] ssize_t rd = ::read(wake_fd, &v, sizeof v);
+    }
+  }
+}
+
+int client::fence(uint32_t epoch) {
+  uint32_t s;
+  {
+    std::unique_lock lk(mu);
+    if (int d = dead.load()) return d;
+    ctl_cv.wait(lk, [&] { return !free_slots.empty() || dead.load(); });
+    if (int d = dead.load()) return d;
+    s = free_slots.back();
+    free_slots.pop_back();
+    rpc_slot& sl = slots[s];
+    ++sl.gen;
+    sl.busy = true;
+    sl.ctl = true;
+    size_t len = encode_fence(uint64_t{sl.gen} << 32 | s, epoch, send_buf(s));
+    ibv_sge sge{reinterpret_cast<uintptr_t>(send_buf(s)), static_cast<uint32_t>(len), msgs.lkey()};
+    ibv_send_wr wr{};
+    wr.wr_id = wr_id(WR_SEND, s);
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_SEND;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    ibv_send_wr* bad = nullptr;
+    if (int rc = ibv_post_send(id->qp, &wr, &bad); rc != 0) {
+      sl = {};
+      free_slots.push_back(s);
+      return -ENOTCONN;
+    }
+    // Both halves (send completion and reply) must arrive before the slot is reused.
+    ctl_cv.wait_for(lk, std::chrono::milliseconds(timeout_ms * 4), [&] {
+      return (sl.reply_done && sl.send_done) || sl.ctl_done || dead.load();
+    });
+    int st = !(sl.reply_done && sl.send_done) ? (dead.load() ? dead.load() : -ETIMEDOUT) : sl.status;
+    if (st == 0 && epoch == 0) st = static_cast<int>(std::min<uint32_t>(sl.reply_epoch, INT32_MAX));  // a query
+    uint32_t gen = sl.gen;
+    if (sl.reply_done && sl.send_done) {
+      sl = {};
+      sl.gen = gen;
+      free_slots.push_back(s);
+    }  // else the slot stays taken: a late reply finds no waiter, harmlessly
+    return st;
+  }
+}
+
+// --- vstore_ops -----------------------------------------------------------
+
+bool parse_u32_opt(const char* options, const char* key, uint32_t lo, uint32_t hi, uint32_t* out, std::string* err) {
+  std::string v;
+  if (!core::find_option(options, key, &v)) return true;
+  char* end = nullptr;
+  unsigned long n = std::strtoul(v.c_str(), &end, 10);
+  if (v.empty() || *end || n < lo || n > hi) {
+    *err = std::string("option ") + key + "='" + v + "' is not a number in " + std::to_string(lo) + ".." +
+           std::to_string(hi);
+    return false;
+  }
+  *out = static_cast<uint32_t>(n);
+  return true;
+}
+
+int rdma_open(const core::vstore_open_params* p, void** handle) {
+  // Loaded as a plugin, this copy of spdlog is unconfigured: send it to stderr.
+  if (!spdlog::get("uvd")) (void)core::init_logging();
+  auto c = std::make_unique<client>();
+  c->target = p->target;
+  std::string_view t = p->target;
+  size_t slash = t.find('/');
+  if (slash == std::string_view::npos || slash == 0 || slash + 1 == t.size()) {
+    set_err(p, "rdma target '" + c->target + "' is not HOST[:PORT]/EXPORT");
+    return -EINVAL;
+  }
+  auto hp = split_host_port(t.substr(0, slash), default_port);
+  if (!hp) {
+    set_err(p, hp.err().message);
+    return -EINVAL;
+  }
+  c->host = hp->first;
+  c->port = hp->second;
+  c->export_name = std::string(t.substr(slash + 1));
+  if (c->export_name.size() > max_export_name) {
+    set_err(p, "export name longer than 255 bytes");
+    return -ENAMETOOLONG;
+  }
+  std::string err;
+  uint32_t tmo = 5000;
+  if (!parse_u32_opt(p->options, "qd", 1, max_queue_depth, &c->want_qd, &err) ||
+      !parse_u32_opt(p->options, "timeout_ms", 1, 600000, &tmo, &err) ||
+      !parse_u32_opt(p->options, "busy_poll_us", 0, 1000000, &c->busy_poll_us, &err)) {
+    set_err(p, err);
+    return -EINVAL;
+  }
+  c->timeout_ms = static_cast<int>(tmo);
+  core::find_option(p->options, "src", &c->src);
+  c->read_only = p->flags & core::VSTORE_OPEN_READ_ONLY;
+  c->host_cb = p->host;
+  c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (c->wake_fd < 0) return -errno;
+  if (auto r = c->connect(); !r) {
+    set_err(p, "rdma://" + c->target + ": " + r.err().what());
+    return -r.err().errnum();
+  }
+  if (auto r = c->open_export(); !r) {
+    set_err(p, "rdma://" + c->target + ": " + r.err().what());
+    return -r.err().errnum();
+  }
+  client* raw = c.get();
+  c->reaper = std::thread([raw] { raw->run(); });
+  spdlog::debug("rdma {}: export {} ({} bytes), qd {}, pool {} x {} bytes", c->target, c->geo.uuid, c->geo.size, c->qd,
+                c->geo.nsegs, c->geo.segment_size);
+  *handle = c.release();
+  return 0;
+}
+
+void rdma_release(void* handle) { delete static_cast<client*>(handle); }
+
+int rdma_info(void* handle, core::vstore_info* out) {
+  auto* c = static_cast<client*>(handle);
+  *out = {};
+  out->size = c->geo.size;
+  out->block_size = c->geo.block_size;
+  out->max_transfer = c->max_transfer;
+  out->max_segments = 0;  // the client gathers through its staging segments
+  out->opt_io_size = c->geo.segment_size;
+  // The server's Vstore emulates what its disk lacks (FUA, write-zeroes), so
+  // these always reach it; discard only where the disk has it.
+  out->features = core::VSTORE_F_FLUSH | core::VSTORE_F_FUA | core::VSTORE_F_WRITE_ZEROES |
+                  (c->geo.features & (core::VSTORE_F_DISCARD | core::VSTORE_F_DISCARD_ZEROES | core::VSTORE_F_ROTATIONAL));
+  out->read_only = c->geo.read_only || c->read_only;
+  std::snprintf(out->id, sizeof out->id, "rdma:uuid=%s", c->geo.uuid);
+  return 0;
+}
+
+int rdma_submit(void* handle, vstore_req* const* reqs, uint32_t n) {
+  return static_cast<client*>(handle)->submit(reqs, n);
+}
+
+}  // namespace
+
+// Raises the export's fencing epoch through this connection (see protocol.hpp).
+int rdma_fence(void* handle, uint32_t epoch) { return static_cast<client*>(handle)->fence(epoch); }
+
+const core::vstore_ops rdma_vstore_ops{
+    .abi_version = core::VSTORE_ABI_VERSION,
+    .struct_size = sizeof(core::vstore_ops),
+    .name = "rdma",
+    .description = "3leaf storage over RDMA (libibverbs/librdmacm): rdma://HOST[:PORT]/EXPORT",
+    .open = rdma_open,
+    .release = rdma_release,
+    .info = rdma_info,
+    .ctx_size = nullptr,
+    .submit = rdma_submit,
+    .probe = nullptr,
+    .poll = nullptr,
+    .fence = rdma_fence,
+};
+
+}  // namespace uvd::rdma
