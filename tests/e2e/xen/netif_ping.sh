@@ -30,8 +30,9 @@ for i in 0 1; do
   ip netns add n$i
   ip -n n$i link set lo up
   # --offload 0: the back end offers no checksum offload, so frames carry whole checksums
-  ip netns exec n$i "$UVD_BIN" veth --switch "xen://0/$i?hv=xen" --host tap:uvd$i --offload 0 \
-    > veth$i.log 2>&1 &
+  # sh -c 'exec': $(cat veth$i.pid) is uvd itself, not a shell between it and this one
+  ip netns exec n$i sh -c "echo \$\$ > veth$i.pid; exec \"$UVD_BIN\" veth --switch 'xen://0/$i?hv=xen' \
+    --host tap:uvd$i --offload 0" > veth$i.log 2>&1 &
   pids="$pids $!"
 done
 for i in 0 1; do
@@ -49,8 +50,13 @@ cat ping.txt
 # Full-size frames the other way.
 ip netns exec n1 ping -c 3 -s 1400 -W 10 10.77.0.1 > ping-large.txt 2>&1 || { cat ping-large.txt; fail "ping n1 -> n0 (1400 bytes)"; }
 cat ping-large.txt
-for p in $pids; do kill -TERM $p; done
-for p in $pids; do wait $p || say "uvd veth $p exited $?"; done
+# SIGTERM: each uvd veth detaches cleanly and prints its counters.
+for i in 0 1; do kill -TERM "$(cat veth$i.pid)"; done
+for p in $pids; do wait $p || fail "uvd veth (job $p) exited $?"; done
+for i in 0 1; do
+  grep -q "^switch side:" veth$i.log || fail "uvd veth $i printed no counters"
+  cat veth$i.log
+done
 kill -TERM $back
 wait $back || fail "uvd xen-back did not stop cleanly"
 cat xen-back.log
