@@ -7,7 +7,9 @@
 # wrote to /out). BINS may be generator expressions ($<TARGET_FILE:t>); list their targets in
 # DEPENDS so they are built first.
 include_guard(GLOBAL)
-set(UVD_GUEST_TOOL ${CMAKE_CURRENT_LIST_DIR}/uvd-guest)
+# A cache entry, not a plain variable: include_guard(GLOBAL) skips this file in every
+# directory after the first that includes it, and each of them needs the path.
+set(UVD_GUEST_TOOL ${CMAKE_CURRENT_LIST_DIR}/uvd-guest CACHE INTERNAL "the guest harness command")
 
 function(uvd_guest_test)
   cmake_parse_arguments(G "RDMA;RDMA_PAIR" "NAME;SCRIPT;TIMEOUT" "GUESTS;BINS;FEATURES;LABELS;DEPENDS" ${ARGN})

@@ -5,6 +5,7 @@
 // check reads what the guest wrote back; any failure prints the dom0 console.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <regex>
 #include <sstream>
@@ -59,6 +60,7 @@ int xml_count(const std::string& xml, const std::string& attr) {
 // blkback -> a file, both ends in dom0. On the host the same target skips.
 TEST(XenDom0, StorageConformanceOverRealXen) {
   std::string conf = UVD_CONFORMANCE_BIN;
+  std::filesystem::create_directories(build_dir() + "/xen-runs");
   std::string script = build_dir() + "/xen-runs/conformance.sh";
   {
     std::ofstream s(script);
@@ -118,6 +120,7 @@ TEST(XenInterop, LinuxBlkfrontAndBlkbackAsPeers) {
 // switch; frames cross netfront -> switch -> netfront, all in dom0.
 TEST(XenDom0, VethConformanceOverRealXen) {
   std::string conf = UVD_VETH_CONFORMANCE_BIN;
+  std::filesystem::create_directories(build_dir() + "/xen-runs");
   std::string script = build_dir() + "/xen-runs/veth-conformance.sh";
   {
     std::ofstream s(script);
