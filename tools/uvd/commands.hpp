@@ -38,4 +38,10 @@ std::string human_size(uint64_t bytes);
 // Print "uvd: <message>" to stderr and throw CLI::RuntimeError(code).
 [[noreturn]] void die(int code, const std::string& message);
 
+// The entry function `symbol` of the rdma transport plugin (uvd-transport-rdma.so,
+// looked up in the registry's plugin folders; uvd itself does not link libibverbs).
+// The plugin stays loaded for the life of the process. Dies with a clear message
+// when the plugin is missing or cannot load.
+void* rdma_plugin_entry(core::registry& reg, const char* symbol);
+
 }  // namespace uvd::cli

@@ -1,5 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // uvd: unified virtual devices. Subcommands live in *_cmd.cpp beside this file.
+#include <dlfcn.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -15,6 +18,27 @@ namespace uvd::cli {
 void die(int code, const std::string& message) {
   std::fprintf(stderr, "uvd: %s\n", message.c_str());
   throw CLI::RuntimeError(code);
+}
+
+void* rdma_plugin_entry(core::registry& reg, const char* symbol) {
+  std::string where;
+  for (const std::string& dir : reg.plugin_dirs()) {
+    std::string path = dir + "/uvd-transport-rdma.so";
+    where += (where.empty() ? "" : ", ") + dir;
+    if (::access(path.c_str(), F_OK) != 0) continue;
+    dlerror();
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      const char* why = dlerror();
+      die(1, "cannot load the rdma transport " + path + ": " + (why ? why : "dlopen failed") +
+                 " (it needs libibverbs1 and librdmacm1: scripts/install-deps)");
+    }
+    void* fn = dlsym(h, symbol);
+    if (!fn) die(1, path + " has no entry " + symbol + ": it was built for another uvd version");
+    return fn;
+  }
+  die(1, "--rdma needs the rdma transport plugin (uvd-transport-rdma.so), which is in none of the plugin folders (" +
+             (where.empty() ? std::string("none configured") : where) + "); build it with libibverbs-dev and librdmacm-dev");
 }
 
 }  // namespace uvd::cli

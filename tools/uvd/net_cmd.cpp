@@ -1,6 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
 // uvd switch, uvd switch-stats, uvd veth: the network side from the shell.
-#include <dlfcn.h>
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
@@ -60,30 +59,13 @@ std::string switch_uri(const std::string& s) {
   return "daemon://" + s;
 }
 
-// The switch side of net over RDMA, from the rdma plugin (uvd itself does
-// not link libibverbs). The plugin stays loaded for the life of the process.
+// The switch side of net over RDMA, from the rdma plugin.
 const rdma::net_api* load_rdma_net(core::registry& reg) {
-  std::string where;
-  for (const std::string& dir : reg.plugin_dirs()) {
-    std::string path = dir + "/uvd-transport-rdma.so";
-    where += (where.empty() ? "" : ", ") + dir;
-    if (::access(path.c_str(), F_OK) != 0) continue;
-    dlerror();
-    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-      const char* why = dlerror();
-      die(1, "cannot load the rdma transport " + path + ": " + (why ? why : "dlopen failed") +
-                 " (it needs libibverbs1 and librdmacm1: scripts/install-deps)");
-    }
-    using entry_fn = const rdma::net_api* (*)();
-    auto fn = reinterpret_cast<entry_fn>(dlsym(h, UVD_RDMA_NET_ENTRY_SYMBOL));
-    const rdma::net_api* api = fn ? fn() : nullptr;
-    if (!api || api->abi_version != rdma::NET_API_VERSION || api->struct_size < sizeof(rdma::net_api))
-      die(1, path + " does not carry the net-over-RDMA table of this uvd version");
-    return api;
-  }
-  die(1, "--rdma needs the rdma transport plugin (uvd-transport-rdma.so), which is in none of the plugin folders (" +
-             (where.empty() ? std::string("none configured") : where) + "); build it with libibverbs-dev and librdmacm-dev");
+  using entry_fn = const rdma::net_api* (*)();
+  const rdma::net_api* api = reinterpret_cast<entry_fn>(rdma_plugin_entry(reg, UVD_RDMA_NET_ENTRY_SYMBOL))();
+  if (!api || api->abi_version != rdma::NET_API_VERSION || api->struct_size < sizeof(rdma::net_api))
+    die(1, "uvd-transport-rdma.so does not carry the net-over-RDMA table of this uvd version");
+  return api;
 }
 
 }  // namespace

@@ -2,7 +2,6 @@
 // uvd serve: export virtual disks over NBD (storage/nbd) and over RDMA (the
 // 3leaf server of the rdma plugin) from flags or a small config file, until
 // SIGINT or SIGTERM.
-#include <dlfcn.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -221,30 +220,13 @@ struct serve_flags {
   bool read_only = false;
 };
 
-// The rdma plugin's server table. The plugin stays loaded for the life of
-// the process (its threads and exports may outlive any one scope here).
+// The rdma plugin's server table.
 const rdma::server_api* load_rdma_server(core::registry& reg) {
-  std::string where;
-  for (const std::string& dir : reg.plugin_dirs()) {
-    std::string path = dir + "/uvd-transport-rdma.so";
-    where += (where.empty() ? "" : ", ") + dir;
-    if (::access(path.c_str(), F_OK) != 0) continue;
-    dlerror();
-    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-      const char* why = dlerror();
-      die(1, "cannot load the rdma transport " + path + ": " + (why ? why : "dlopen failed") +
-                 " (it needs libibverbs1 and librdmacm1: scripts/install-deps)");
-    }
-    using entry_fn = const rdma::server_api* (*)();
-    auto fn = reinterpret_cast<entry_fn>(dlsym(h, UVD_RDMA_SERVER_ENTRY_SYMBOL));
-    const rdma::server_api* api = fn ? fn() : nullptr;
-    if (!api || api->abi_version != rdma::SERVER_API_VERSION || api->struct_size < sizeof(rdma::server_api))
-      die(1, path + " does not carry an rdma server table of this uvd version");
-    return api;
-  }
-  die(1, "--rdma needs the rdma transport plugin (uvd-transport-rdma.so), which is in none of the plugin folders (" +
-             (where.empty() ? std::string("none configured") : where) + "); build it with libibverbs-dev and librdmacm-dev");
+  using entry_fn = const rdma::server_api* (*)();
+  const rdma::server_api* api = reinterpret_cast<entry_fn>(rdma_plugin_entry(reg, UVD_RDMA_SERVER_ENTRY_SYMBOL))();
+  if (!api || api->abi_version != rdma::SERVER_API_VERSION || api->struct_size < sizeof(rdma::server_api))
+    die(1, "uvd-transport-rdma.so does not carry an rdma server table of this uvd version");
+  return api;
 }
 
 void run_serve(context& ctx, const serve_flags& f) {
