@@ -156,7 +156,9 @@ struct vstore_ops {
   //     fenced past it), nothing changed.
   //   epoch == 0: a query; returns the export's current epoch (0..INT32_MAX).
   // Epochs are 1..INT32_MAX. Path errors (classify_error) mean the fence did
-  // not reach the back end; the caller tries another path.
+  // not reach the back end; the caller tries another path. -ENOTSUP: this
+  // device was opened without fencing (file:// without fence=1); callers
+  // treat it as a table without the op.
   int (*fence)(void* handle, uint32_t epoch);
 };
 

@@ -58,15 +58,15 @@ void fence_record::pass::reset() {
   rec_ = nullptr;
 }
 
-int fence_record::lock(short type, off_t byte) const {
+int fence_record::lock(short type, off_t byte, bool wait) const {
   struct flock fl {};
   fl.l_type = type;
   fl.l_whence = SEEK_SET;
   fl.l_start = byte;
   fl.l_len = 1;
   fl.l_pid = 0;  // OFD locks require 0
-  while (fcntl(fd_, F_OFD_SETLKW, &fl) != 0) {
-    if (errno != EINTR) return errno;
+  while (fcntl(fd_, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) != 0) {
+    if (errno != EINTR) return errno == EACCES ? EAGAIN : errno;  // busy, without wait
   }
   return 0;
 }
@@ -106,15 +106,18 @@ fence_record::~fence_record() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-core::result<fence_record::pass> fence_record::enter(uint32_t epoch) {
-  std::unique_lock lk(mu_);
+// Takes one share of the pass (mu_ held by lk): 0, -ESTALE (nothing held),
+// -EAGAIN when !wait and it would block, or -errno from the record.
+int fence_record::admit_locked(std::unique_lock<std::mutex>& lk, uint32_t epoch, bool wait) {
   for (;;) {
     if (writer_active_ || writers_waiting_ || acquiring_) {
+      if (!wait) return -EAGAIN;
       cv_.wait(lk);
       continue;
     }
     if (readers_ > 0) {
       if (std::chrono::steady_clock::now() - held_since_ >= lease) {
+        if (!wait) return -EAGAIN;
         cv_.wait(lk);  // let the holders finish, so the lock is taken afresh
         continue;
       }
@@ -124,9 +127,9 @@ core::result<fence_record::pass> fence_record::enter(uint32_t epoch) {
     // and reads the epoch; it cannot change while the lock is held.
     acquiring_ = true;
     lk.unlock();
-    int err = lock(F_RDLCK, gate_byte);
+    int err = lock(F_RDLCK, gate_byte, wait);
     if (err == 0) {
-      err = lock(F_RDLCK, epoch_byte);
+      err = lock(F_RDLCK, epoch_byte, wait);
       lock(F_UNLCK, gate_byte);
     }
     core::result<uint32_t> e = err ? core::fail(err, "lock fence record " + path_) : read_epoch();
@@ -134,19 +137,43 @@ core::result<fence_record::pass> fence_record::enter(uint32_t epoch) {
     lk.lock();
     acquiring_ = false;
     cv_.notify_all();
-    if (!e) return core::fail(std::move(e).err());
+    if (!e) {
+      last_error_ = e.err().what();
+      return -e.err().errnum();
+    }
     held_epoch_ = *e;
     held_since_ = std::chrono::steady_clock::now();
     break;
   }
   ++readers_;
   if (epoch != 0 && epoch < held_epoch_) {
-    lk.unlock();
-    leave();
+    if (--readers_ == 0) {
+      lock(F_UNLCK, epoch_byte);
+      cv_.notify_all();
+    }
+    return -ESTALE;
+  }
+  return 0;
+}
+
+core::result<fence_record::pass> fence_record::enter(uint32_t epoch) {
+  std::unique_lock lk(mu_);
+  int rc = admit_locked(lk, epoch, true);
+  if (rc == -ESTALE)
     return core::fail(ESTALE, "request of epoch " + std::to_string(epoch) + " refused: the export is fenced at epoch " +
                                   std::to_string(held_epoch_));
-  }
+  if (rc < 0) return core::fail(-rc, last_error_);
   return pass(this);
+}
+
+int fence_record::admit(uint32_t epoch) {
+  std::unique_lock lk(mu_);
+  return admit_locked(lk, epoch, true);
+}
+
+int fence_record::try_admit(uint32_t epoch) {
+  std::unique_lock lk(mu_);
+  return admit_locked(lk, epoch, false);
 }
 
 void fence_record::leave() {

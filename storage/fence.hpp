@@ -92,6 +92,17 @@ class fence_record {
     return fn();
   }
 
+  // The same pass without an object, for a data path that keeps it in a
+  // preallocated per-request context (one flag) instead: admit() is enter()
+  // (0, -ESTALE, or -errno), and every 0 it returns is ended by one leave().
+  // try_admit() never blocks: -EAGAIN when taking the pass would wait (an
+  // advance is under way here or in another process, or the in-process
+  // share of the lock is past its lease), so a completion thread that must
+  // not sleep can hand the request to one that may.
+  int admit(uint32_t epoch);
+  int try_admit(uint32_t epoch);
+  void leave();
+
   // Makes epoch the current one: waits for every pass to end (here and in
   // other processes), then writes it durably. ESTALE (nothing changed) when
   // epoch is 0 or not newer than the current epoch.
@@ -104,9 +115,9 @@ class fence_record {
 
  private:
   fence_record() = default;
-  void leave();
+  int admit_locked(std::unique_lock<std::mutex>& lk, uint32_t epoch, bool wait);
   core::result<uint32_t> read_epoch() const;
-  int lock(short type, off_t byte) const;
+  int lock(short type, off_t byte, bool wait = true) const;
 
   static constexpr std::chrono::milliseconds lease{10};
 
@@ -120,6 +131,7 @@ class fence_record {
   bool writer_active_ = false;
   bool acquiring_ = false;        // a thread is taking the shared file lock
   uint32_t held_epoch_ = 0;       // the epoch read when the shared file lock was taken
+  std::string last_error_;        // why the record could not be locked or read, last time
   std::chrono::steady_clock::time_point held_since_{};
 };
 

@@ -17,7 +17,8 @@
 //
 // One mutex guards the state; data copies and calls into the paths happen
 // outside it. A health thread runs checks, silence detection, fences and the
-// queue-if-no-path timer (mp_health.cpp).
+// queue-if-no-path timer (mp_health.cpp). A reopen thread closes a dead
+// path's Vstore and opens it again from its URI (mp_reopen.cpp).
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -35,6 +36,9 @@
 
 namespace uvd::storage {
 
+// Whether v fences: its table has the op and the device does not answer ENOTSUP.
+bool mp_path_fences(Vstore& v);
+
 class mp_device : public std::enable_shared_from_this<mp_device> {
  public:
   using clock = std::chrono::steady_clock;
@@ -44,7 +48,7 @@ class mp_device : public std::enable_shared_from_this<mp_device> {
 
   static core::result<std::shared_ptr<mp_device>> make(std::vector<std::unique_ptr<Vstore>> paths,
                                                        const multipath_options& mo, bool read_only,
-                                                       const core::vstore_host* host);
+                                                       const core::vstore_host* host, path_reopen reopen = {});
   ~mp_device();
   mp_device(const mp_device&) = delete;
   mp_device& operator=(const mp_device&) = delete;
@@ -104,6 +108,13 @@ class mp_device : public std::enable_shared_from_this<mp_device> {
     std::byte* probe_buf = nullptr;
     bool probe_busy = false;
     clock::time_point probe_sent{};
+    // Reopening (mp_reopen.cpp). vs is null while closed or between attempts.
+    std::string uri;            // where it is opened again; empty: never
+    bool dead = false;          // failed, and its last check failed with a path error
+    uint32_t ctl_users = 0;     // threads using vs outside mu_ (a fence)
+    clock::duration reopen_delay{};  // backoff after the last attempt
+    clock::time_point next_reopen{};
+    uint64_t reopens = 0;       // attempts
     ~path() { std::free(probe_buf); }
   };
 
@@ -137,6 +148,12 @@ class mp_device : public std::enable_shared_from_this<mp_device> {
   void complete_pending(std::unique_lock<std::mutex>& lk);
   core::result<void> initial_fence();
 
+  // Reopen (mp_reopen.cpp).
+  void reopen_loop();
+  path* due_for_reopen_locked(clock::time_point now, clock::time_point* next);
+  std::string reopen_refusal(const Vstore& v) const;
+  void mark_dead_locked(path& p);
+
   multipath_options mo_;
   const core::vstore_host* host_ = nullptr;
   core::vstore_info info_{};
@@ -149,6 +166,11 @@ class mp_device : public std::enable_shared_from_this<mp_device> {
   std::condition_variable health_cv_;
   std::vector<request*> completions_;  // to complete once mu_ is released (rare paths)
   std::thread health_;
+  std::thread reopener_;
+  std::condition_variable reopen_cv_;
+  core::registry* reg_ = nullptr;  // where dead paths are opened again (null: never)
+  open_options path_oo_;
+  std::string medium_id_;          // the first path's vstore_info::id
   bool stop_ = false;
   bool closed_ = false;
   bool check_requested_ = false;

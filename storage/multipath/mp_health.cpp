@@ -21,9 +21,21 @@ std::string path_name(const Vstore& v) { return v.transport_name() + ":" + v.tar
 
 }  // namespace
 
+// A table with a fence op may still not fence this device (file:// without
+// fence=1 answers ENOTSUP); any other answer, even a path error, says it can.
+bool mp_path_fences(Vstore& v) {
+  if (!v.can_fence()) return false;
+  auto q = v.fence(0);
+  return q || q.err().errnum() != ENOTSUP;
+}
+
+namespace {
+
+}  // namespace
+
 core::result<std::shared_ptr<mp_device>> mp_device::make(std::vector<std::unique_ptr<Vstore>> paths,
                                                          const multipath_options& mo, bool read_only,
-                                                         const core::vstore_host* host) {
+                                                         const core::vstore_host* host, path_reopen reopen) {
   if (paths.empty() || paths.size() > max_paths)
     return core::fail(EINVAL, "a multipath device needs 1.." + std::to_string(max_paths) + " paths, got " +
                                   std::to_string(paths.size()));
@@ -31,6 +43,8 @@ core::result<std::shared_ptr<mp_device>> mp_device::make(std::vector<std::unique
     return core::fail(EINVAL, "multipath: check_interval and io_timeout must be positive, queue_if_no_path not negative");
   for (const auto& p : paths)
     if (!p) return core::fail(EINVAL, "multipath: a path is missing");
+  if (!reopen.uris.empty() && (reopen.uris.size() != paths.size() || !reopen.registry))
+    return core::fail(EINVAL, "multipath: reopening needs a registry and one URI per path");
 
   const Vstore& first = *paths[0];
   std::shared_ptr<mp_device> d(new mp_device());
@@ -47,6 +61,7 @@ core::result<std::shared_ptr<mp_device>> mp_device::make(std::vector<std::unique
   in.features = core::VSTORE_F_FUA | core::VSTORE_F_WRITE_ZEROES | core::VSTORE_F_DISCARD | core::VSTORE_F_DISCARD_ZEROES;
   bool all_fence = true;
   std::string cannot_fence;
+  std::vector<bool> fences;
   for (const auto& p : paths) {
     const auto& pi = p->info();
     if (pi.size != in.size)
@@ -61,7 +76,8 @@ core::result<std::shared_ptr<mp_device>> mp_device::make(std::vector<std::unique
     in.features &= pi.features | core::VSTORE_F_FUA | core::VSTORE_F_WRITE_ZEROES;
     in.features |= pi.features & (core::VSTORE_F_FLUSH | core::VSTORE_F_ROTATIONAL);
     if (p->read_only()) in.read_only = 1;
-    if (!p->can_fence()) {
+    fences.push_back(mo.fence != mp_fence::off && mp_path_fences(*p));
+    if (!fences.back()) {
       all_fence = false;
       if (cannot_fence.empty()) cannot_fence = path_name(*p);
     }
@@ -82,7 +98,8 @@ core::result<std::shared_ptr<mp_device>> mp_device::make(std::vector<std::unique
     p->name = path_name(*paths[i]);
     p->idx = i;
     p->dev = d.get();
-    p->can_fence = paths[i]->can_fence();
+    p->can_fence = fences[i];
+    if (!reopen.uris.empty()) p->uri = reopen.uris[i];
     size_t bytes = (in.block_size + 4095) / 4096 * 4096;
     p->probe_buf = static_cast<std::byte*>(std::aligned_alloc(4096, bytes));
     if (!p->probe_buf) return core::fail(ENOMEM, "multipath: no memory for a health check buffer");
@@ -97,8 +114,14 @@ core::result<std::shared_ptr<mp_device>> mp_device::make(std::vector<std::unique
     d->to_submit_.reserve(64);
     d->completions_.reserve(16);
   }
+  d->medium_id_ = first.info().id;
+  if (!reopen.uris.empty()) {
+    d->reg_ = reopen.registry;
+    d->path_oo_ = reopen.options;
+  }
   if (auto r = d->initial_fence(); !r) return core::fail(std::move(r).err());
   d->health_ = std::thread([dev = d.get()] { dev->health_loop(); });
+  if (d->reg_) d->reopener_ = std::thread([dev = d.get()] { dev->reopen_loop(); });
   spdlog::debug("multipath {}: {} paths, policy {}, fencing {}, epoch {}", d->mo_.label, d->paths_.size(),
                 to_string(mo.policy), d->fencing_ ? "on" : "off", d->epoch_);
   return d;
@@ -194,11 +217,13 @@ void mp_device::run_fence(std::unique_lock<std::mutex>& lk) {
     }
     epoch_target_ = target;
     Vstore* vs = paths_[pick]->vs.get();
+    ++paths_[pick]->ctl_users;  // not reopened under the fence
     lk.unlock();
     auto t0 = clock::now();
     auto r = vs->fence(target);
     auto took = clock::now() - t0;
     lk.lock();
+    --paths_[pick]->ctl_users;
     if (r) {
       epoch_ = target;
       need_fence_ = false;
@@ -283,6 +308,8 @@ void mp_device::on_probe_done(vstore_io* io, int status) {
       // Says nothing about the path; the next check carries the new epoch.
     } else if (status == 0 || !core::is_path_error(status)) {
       // An answer, even a media error, means the path is there.
+      p->dead = false;
+      p->reopen_delay = {};
       if (p->state == path_state::failed && !d->stop_) {
         p->state = path_state::standby;
         d->recompute_states_locked();
@@ -295,6 +322,7 @@ void mp_device::on_probe_done(vstore_io* io, int status) {
       ++p->errors;
       p->last_error = std::string("health check failed: ") + std::strerror(-status);
       if (p->state != path_state::failed) d->fail_path_locked(p->idx, status, p->last_error, false);
+      d->mark_dead_locked(*p);
     }
   }
   if (returned) d->kick();
@@ -334,8 +362,10 @@ void mp_device::close() {
     if (closed_) return;
     stop_ = true;
     health_cv_.notify_all();
+    reopen_cv_.notify_all();
   }
   if (health_.joinable()) health_.join();
+  if (reopener_.joinable()) reopener_.join();
   {
     std::unique_lock lk(mu_);
     complete_pending(lk);
@@ -369,6 +399,9 @@ multipath_status mp_device::status() {
     ps.failures = p->failures;
     ps.in_flight = p->live;
     ps.abandoned = p->abandoned;
+    ps.reopens = p->reopens;
+    ps.late_ok = p->late_ok;
+    ps.late_refused = p->late_errors;
     ps.last_error = p->last_error;
     s.paths.push_back(std::move(ps));
   }

@@ -85,6 +85,7 @@ struct stack_handoff {
   std::vector<std::unique_ptr<Vstore>> paths;
   multipath_options mo;
   std::shared_ptr<multipath_monitor>* monitor = nullptr;
+  path_reopen reopen;
 };
 
 struct mp_handle {
@@ -92,8 +93,9 @@ struct mp_handle {
 };
 
 int make_handle(const core::vstore_open_params* p, std::vector<std::unique_ptr<Vstore>> paths,
-                const multipath_options& mo, std::shared_ptr<multipath_monitor>* monitor, void** handle) {
-  auto dev = mp_device::make(std::move(paths), mo, p->flags & core::VSTORE_OPEN_READ_ONLY, p->host);
+                const multipath_options& mo, std::shared_ptr<multipath_monitor>* monitor, path_reopen reopen,
+                void** handle) {
+  auto dev = mp_device::make(std::move(paths), mo, p->flags & core::VSTORE_OPEN_READ_ONLY, p->host, std::move(reopen));
   if (!dev) return fail_open(p, dev.err());
   if (monitor) *monitor = std::make_shared<multipath_monitor>(*dev);
   *handle = new mp_handle{std::move(*dev)};
@@ -122,7 +124,8 @@ int mp_open(const core::vstore_open_params* p, void** handle) {
                                                                  "): " + v.err().message));
     paths.push_back(std::move(*v));
   }
-  return make_handle(p, std::move(paths), *mo, nullptr, handle);
+  path_reopen reopen{reg, std::move(uris), oo};
+  return make_handle(p, std::move(paths), *mo, nullptr, std::move(reopen), handle);
 }
 
 int mp_stack_open(const core::vstore_open_params* p, void** handle) {
@@ -131,7 +134,7 @@ int mp_stack_open(const core::vstore_open_params* p, void** handle) {
     set_err(p, "a stacked multipath device needs its paths handed over by open_multipath");
     return -EINVAL;
   }
-  return make_handle(p, std::move(h->paths), h->mo, h->monitor, handle);
+  return make_handle(p, std::move(h->paths), h->mo, h->monitor, std::move(h->reopen), handle);
 }
 
 void mp_release(void* handle) {
@@ -219,10 +222,11 @@ core::result<multipath_options> parse_multipath_options(std::string_view options
       if (val == "immediate") mo.failback = true;
       else if (val == "manual") mo.failback = false;
       else return bad("immediate or manual");
-    } else if (key == "queue_if_no_path" || key == "check_interval" || key == "io_timeout") {
+    } else if (key == "queue_if_no_path" || key == "check_interval" || key == "io_timeout" || key == "reopen_max") {
       auto d = parse_duration(key, val);
       if (!d) return core::fail(std::move(d).err());
       if (key == "queue_if_no_path") mo.queue_if_no_path = *d;
+      else if (key == "reopen_max") mo.reopen_max = *d;
       else if (*d <= 0ms) return bad("a positive duration");
       else if (key == "check_interval") mo.check_interval = *d;
       else mo.io_timeout = *d;
@@ -244,7 +248,7 @@ core::result<multipath_options> parse_multipath_options(std::string_view options
     } else {
       return core::fail(EINVAL, "unknown multipath option '" + std::string(key) +
                                     "' (known: path, policy, failback, queue_if_no_path, check_interval, io_timeout, "
-                                    "fence, check_id, path_qd, ro, direct)");
+                                    "reopen_max, fence, check_id, path_qd, ro, direct)");
     }
   }
   if (found.empty()) return core::fail(EINVAL, "a multipath device needs at least one path=URI");
@@ -277,7 +281,8 @@ std::string multipath_status::to_string() const {
   for (const auto& p : paths)
     s += "  " + p.name + ": " + storage::to_string(p.state) + ", " + std::to_string(p.requests) + " requests, " +
          std::to_string(p.in_flight) + " in flight, " + std::to_string(p.abandoned) + " abandoned, " +
-         std::to_string(p.failures) + " failures" + (p.last_error.empty() ? "" : ", last error: " + p.last_error) + "\n";
+         std::to_string(p.failures) + " failures" +
+         (p.reopens ? ", " + std::to_string(p.reopens) + " reopens" : std::string()) + (p.last_error.empty() ? "" : ", last error: " + p.last_error) + "\n";
   return s;
 }
 
@@ -286,12 +291,15 @@ void multipath_monitor::check_now() const { dev_->check_now(); }
 
 core::result<std::unique_ptr<Vstore>> open_multipath(std::vector<std::unique_ptr<Vstore>> paths,
                                                      const multipath_options& mo, const open_options& opts,
-                                                     std::shared_ptr<multipath_monitor>* monitor) {
+                                                     std::shared_ptr<multipath_monitor>* monitor,
+                                                     path_reopen reopen) {
   if (!opts.options.empty()) return core::fail(EINVAL, "a stacked multipath device takes no transport options");
   std::string target = mo.label.empty() && !paths.empty() && paths[0]
                            ? paths[0]->transport_name() + ":" + paths[0]->target()
                            : mo.label;
-  stack_handoff h{std::move(paths), mo, monitor};
+  if (!reopen.uris.empty() && (reopen.uris.size() != paths.size() || !reopen.registry))
+    return core::fail(EINVAL, "multipath: reopening needs a registry and one URI per path");
+  stack_handoff h{std::move(paths), mo, monitor, std::move(reopen)};
   return Vstore::open(mp_stack_ops, target, opts, nullptr, &h);
 }
 

@@ -35,11 +35,19 @@
 //                          otherwise; off: never fence
 //   check_id=1|0           refuse paths whose vstore_info::id differ (default 1)
 //   path_qd=N              queue depth of each path's front half (default 64)
+//   reopen_max=DUR         longest wait between attempts to reopen a dead path
+//                          (default 4 x check_interval; the first is at once,
+//                          then check_interval, doubling up to this)
 //   ro=1, direct=1         as for any device; passed to every path
 //
 // Path states: active (carries I/O), standby (healthy, held in reserve),
 // failed (a path error or silence; checked every interval, returns when a
-// check succeeds).
+// check succeeds). A failed path whose check fails with a path error while
+// nothing of this device is in it (its connection is gone for good: an rdma
+// client does not reconnect) is closed and opened again from its URI, with
+// backoff, as multipath-tools reinstates paths; it returns, and fails back,
+// when the reopened device passes a check. Paths are reopened when the device
+// knows their URIs (a multipath: URI, or open_multipath with a path_reopen).
 //
 // Errors: a path error (core::classify_error: connection lost, timeout,
 // device gone) fails the path over; a request/media error (EIO, ENOSPC...) is
@@ -95,6 +103,7 @@ struct multipath_options {
   mp_fence fence = mp_fence::automatic;
   bool check_id = true;
   uint32_t path_queue_depth = 64;
+  std::chrono::milliseconds reopen_max{0};  // 0: 4 x check_interval
   std::string label;  // shown in logs and status
 };
 
@@ -112,6 +121,9 @@ struct path_status {
   uint64_t failures = 0;      // times it went to failed
   uint64_t in_flight = 0;
   uint64_t abandoned = 0;     // requests given up on a silent path, not returned yet
+  uint64_t reopens = 0;       // attempts to open it again after its device died
+  uint64_t late_ok = 0;       // abandoned requests the path ran after all (before the fence took)
+  uint64_t late_refused = 0;  // abandoned requests it answered with an error (refused by the fence)
   std::string last_error;
 };
 
@@ -144,10 +156,20 @@ class multipath_monitor {
   std::shared_ptr<mp_device> dev_;
 };
 
+// Where dead paths are opened again: uris[i] through registry (which must
+// outlive the device), with options for each path's own front half.
+struct path_reopen {
+  core::registry* registry = nullptr;
+  std::vector<std::string> uris;  // one per path, in the same order; empty: never reopen
+  open_options options;
+};
+
 // Stacks a multipath device on paths already open (in priority order).
-// opts applies to the multipath device's own front half.
+// opts applies to the multipath device's own front half. With reopen, a
+// path whose device died is opened again from its URI.
 core::result<std::unique_ptr<Vstore>> open_multipath(std::vector<std::unique_ptr<Vstore>> paths,
                                                      const multipath_options& mo, const open_options& opts = {},
-                                                     std::shared_ptr<multipath_monitor>* monitor = nullptr);
+                                                     std::shared_ptr<multipath_monitor>* monitor = nullptr,
+                                                     path_reopen reopen = {});
 
 }  // namespace uvd::storage

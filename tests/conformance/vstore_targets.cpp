@@ -139,6 +139,15 @@ std::vector<conformance_target> conformance_targets() {
        [](const temp_dir& d, core::registry&) -> core::result<std::string> {
          return multipath_2x_file_uri(make_sparse_file(d.file("disk.img"), device_size));
        }},
+      // Both file engines with fence=1: every request under a pass of the image's
+      // fence record, the device holding the export's epoch (fence=required).
+      {"multipath_2x_file_fenced", device_size, true,
+       [](const temp_dir& d, core::registry&) -> core::result<std::string> {
+         std::string path = make_sparse_file(d.file("disk.img"), device_size);
+         return storage::multipath_uri({"file://" + path + "?engine=uring&fence=1",
+                                        "file://" + path + "?engine=threads&fence=1"},
+                                       "policy=round-robin&check_interval=200ms&fence=required");
+       }},
       // One path that completes from another thread, fills up and splits.
       {"multipath_1x_memory_async_split", device_size, false,
        [](const temp_dir&, core::registry&) -> core::result<std::string> {

@@ -12,6 +12,12 @@
 //   engine=auto|uring|threads   auto: io_uring, else the thread pool (default auto)
 //   entries=N            io_uring queue depth, requests in flight (default 128)
 //   threads=N            thread-pool workers (default 4)
+//   fence=1              fence requests against the image's shared epoch record
+//                        ("<image>.fence", storage/fence.hpp): every request runs
+//                        inside a fence pass, one carrying an epoch older than the
+//                        record's is refused with ESTALE, and vstore_ops::fence
+//                        advances the record (waiting for older requests in every
+//                        process serving the image). Without it fence is ENOTSUP.
 #include <cstdint>
 #include <string_view>
 
@@ -32,6 +38,7 @@ struct file_options {
   bool direct = false;
   uint32_t entries = 128;  // 1..4096
   uint32_t threads = 4;    // 1..256
+  bool fence = false;
 };
 
 // Parses the "key=value&key=value" option string of a file:// address.

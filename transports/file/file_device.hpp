@@ -26,6 +26,8 @@ struct file_stats {
   std::atomic<uint64_t> eof_fills{0};        // reads completed with zeros past the file's end
   std::atomic<uint64_t> zero_writes{0};      // write-zeroes done by writing a zero buffer
   std::atomic<uint64_t> offloaded{0};        // io_uring requests handed to the helper thread
+  std::atomic<uint64_t> fence_refused{0};    // requests refused for a stale epoch (fence=1)
+  std::atomic<uint64_t> fence_deferred{0};   // requests that waited for their fence pass on the gate thread
 };
 
 // How a WRITE_ZEROES is being carried out. On EOPNOTSUPP the request moves to
@@ -44,7 +46,7 @@ struct file_req_ctx {
   uint64_t done;           // bytes of a READ/WRITE transferred so far
   iovec partial;           // the rest of an iovec a short transfer stopped inside
   uint32_t zero;           // zero_method of a WRITE_ZEROES
-  uint32_t reserved;
+  uint32_t pass;           // 1 while the request holds a fence pass (fence=1)
 };
 static_assert(alignof(file_req_ctx) <= 16, "vstore_req::ctx is aligned 16");
 
@@ -77,13 +79,34 @@ struct free_deleter {
   void operator()(void* p) const noexcept { std::free(p); }
 };
 
+struct file_fence_gate;  // file_fence.cpp
+struct file_fence_gate_deleter {
+  void operator()(file_fence_gate* g) const noexcept;
+};
+
+// Fencing (fence=1, file_fence.cpp). Every request runs inside a pass of the
+// image's fence record (storage/fence.hpp) from submission to completion: it
+// is taken in submit and ended in file_device::complete, the one completion
+// funnel of both engines.
+core::result<void> file_fence_start(file_device& dev);
+// submit() of a fenced device: admits each request (ESTALE for a stale epoch)
+// without blocking the caller, which may be a completion thread; a request
+// whose pass would have to wait goes to the gate thread, which waits for it.
+int file_fence_submit(file_device& dev, core::vstore_req* const* reqs, uint32_t n);
+void file_fence_leave(file_device& dev, core::vstore_req* req);
+// vstore_ops::fence: -ENOTSUP when the device was opened without fence=1.
+int file_fence_op(file_device& dev, uint32_t epoch);
+
 struct file_device {
   file_device() = default;
   ~file_device();
   file_device(const file_device&) = delete;
   file_device& operator=(const file_device&) = delete;
 
-  void complete(core::vstore_req* req, int status) { host.complete(host.owner, req, status); }
+  void complete(core::vstore_req* req, int status) {
+    if (ctx_of(req).pass) file_fence_leave(*this, req);
+    host.complete(host.owner, req, status);
+  }
 
   int fd = -1;
   std::string path;
@@ -98,6 +121,7 @@ struct file_device {
   std::unique_ptr<std::byte, free_deleter> zero_buf;
   size_t zero_buf_len = 0;
   file_stats stats;
+  std::unique_ptr<file_fence_gate, file_fence_gate_deleter> fence;  // fence=1; stopped first
   std::unique_ptr<file_engine> engine;  // last: stopped before the rest goes
 };
 

@@ -24,6 +24,7 @@ namespace uvd::file {
 using core::vstore_req;
 
 file_device::~file_device() {
+  fence.reset();   // its gate thread submits to the engine
   engine.reset();  // joins the engine's threads while fd is still open
   if (fd >= 0) ::close(fd);
 }

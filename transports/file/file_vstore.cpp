@@ -196,6 +196,9 @@ core::result<std::unique_ptr<file_device>> open_device(const core::vstore_open_p
   }
 
   if (auto started = start_engine(*dev, opts); !started) return core::fail(std::move(started).err());
+  if (opts.fence) {
+    if (auto f = file_fence_start(*dev); !f) return core::fail(std::move(f).err());
+  }
   spdlog::debug("file: opened {} {} ({} bytes, {}-byte blocks{}) on the {} engine", path,
                read_only ? "read-only" : "read-write", dev->info.size, dev->info.block_size,
                direct ? ", O_DIRECT" : "", dev->engine->name());
@@ -233,8 +236,11 @@ size_t file_ctx_size(void*) { return sizeof(file_req_ctx); }
 int file_submit(void* handle, vstore_req* const* reqs, uint32_t n) {
   auto& dev = *static_cast<file_device*>(handle);
   for (uint32_t i = 0; i < n; ++i) file_init_ctx(dev, reqs[i]);
+  if (dev.fence) return file_fence_submit(dev, reqs, n);
   return dev.engine->submit(reqs, n);
 }
+
+int file_fence(void* handle, uint32_t epoch) { return file_fence_op(*static_cast<file_device*>(handle), epoch); }
 
 // Size of a block device from sysfs (512-byte sectors), without opening it.
 uint64_t block_device_size(dev_t rdev) {
@@ -321,9 +327,11 @@ core::result<file_options> parse_file_options(std::string_view options) {
       good = parse_u32(value, 1, 4096, &o.entries);
     } else if (key == "threads") {
       good = parse_u32(value, 1, 256, &o.threads);
+    } else if (key == "fence") {
+      good = parse_bool(value, &o.fence);
     } else {
       return core::fail(EINVAL, "unknown file option '" + std::string(key) +
-                                    "' (known: ro, direct, engine, entries, threads)");
+                                    "' (known: ro, direct, engine, entries, threads, fence)");
     }
     if (!good) {
       const char* want = key == "engine"    ? "auto, uring or threads"
@@ -361,6 +369,8 @@ constexpr core::vstore_ops file_vstore_ops{
     .submit = file_submit,
     .probe = file_probe,
     .poll = nullptr,
+    // -ENOTSUP unless the device was opened with fence=1.
+    .fence = file_fence,
 };
 
 }  // namespace uvd::file

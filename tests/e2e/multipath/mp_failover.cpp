@@ -228,6 +228,10 @@ std::string path_line(const storage::multipath_status& st) {
     s += " [" + std::string(1, static_cast<char>('A' + i)) + " " + storage::to_string(p.state) + " req=" +
          std::to_string(p.requests) + " err=" + std::to_string(p.errors) + " inflight=" + std::to_string(p.in_flight) +
          (p.abandoned ? " abandoned=" + std::to_string(p.abandoned) : "") +
+         (p.reopens ? " reopens=" + std::to_string(p.reopens) : "") +
+         (p.late_ok + p.late_refused ? " late_answered=" + std::to_string(p.late_ok) +
+                                           " late_refused=" + std::to_string(p.late_refused)
+                                     : "") +
          (p.last_error.empty() ? "" : " last_error='" + p.last_error + "'") + "]";
   }
   return s;
@@ -290,7 +294,9 @@ int run(const config& c, core::registry* reg, live_pids& live) {
   std::shared_ptr<storage::multipath_monitor> mon;
   storage::open_options mpo;
   mpo.queue_depth = c.load.queue_depth * 2;
-  auto dev = storage::open_multipath(std::move(paths), *mo, mpo, &mon);
+  // A path whose server died is opened again from its URI (the rdma client does
+  // not reconnect by itself): that is how a restarted server A fails back.
+  auto dev = storage::open_multipath(std::move(paths), *mo, mpo, &mon, storage::path_reopen{reg, c.paths, po});
   if (!dev) {
     say("multipath does not open: " + dev.err().what());
     stop_servers();
@@ -385,6 +391,18 @@ int run(const config& c, core::registry* reg, live_pids& live) {
     auto t_fault_end = load_clock::now();
     auto st = status();
     uint64_t b_gain = st.paths[1].requests - b_before;
+    if (c.fault == "stop") {
+      // What A held when it froze comes back now: refused by the fence, or
+      // answered late for work done before the fence took (a write that
+      // landed before A froze, its reply not yet sent). Which blocks hold
+      // what is checked below, against every acknowledged write.
+      wait_for(5s, [&] { return status().paths[0].abandoned == 0; });
+      st = status();
+      const auto& a_st = st.paths[0];
+      say("server A's late requests: " + std::to_string(a_st.late_refused) + " refused, " +
+          std::to_string(a_st.late_ok) + " answered, " + std::to_string(a_st.abandoned) + " not returned");
+      result << " late_refused=" << a_st.late_refused << " late_answered=" << a_st.late_ok;
+    }
     say("after failover: " + std::to_string(load.completions() - at_fault) + " completions since the fault, " +
         std::to_string(b_gain) + " requests on path B; " + path_line(st));
     check(b_gain > 0, "no request went to path B");

@@ -125,16 +125,20 @@ TEST(MultipathLoad, CatchesStaleTornMisplacedAndUnacknowledgedBlocks) {
 }
 
 // The failover program end to end on the host, without a fault: two file
-// paths, no servers. The guest tests run it with real servers and faults.
+// paths, no servers, both fencing through the image's record (fence=1), so
+// the device must take the export (epoch 1). The guest tests run it with real
+// servers and faults.
 TEST(MpFailover, BaselineRunOverTwoFilePaths) {
   temp_dir dir;
   std::string image = make_sparse_file(dir.file("disk.img"), 8 << 20);
-  auto r = run_cmd({UVD_MP_FAILOVER, "--fault", "none", "--path", "file://" + image, "--path",
-                    "file://" + image + "?engine=threads", "--image", image, "--blocks", "256", "--qd", "8",
-                    "--warm-ms", "300", "--after-ms", "300", "--logs", dir.path()},
+  auto r = run_cmd({UVD_MP_FAILOVER, "--fault", "none", "--path", "file://" + image + "?fence=1", "--path",
+                    "file://" + image + "?engine=threads&fence=1", "--image", image, "--blocks", "256", "--qd", "8",
+                    "--warm-ms", "300", "--after-ms", "300", "--logs", dir.path(), "--options",
+                    "check_interval=250ms&io_timeout=1s&fence=required"},
                    60s);
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("status=pass"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" epoch=1 fences=1 "), std::string::npos) << r.output;
 }
 
 }  // namespace

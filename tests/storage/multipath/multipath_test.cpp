@@ -5,6 +5,7 @@
 #include "storage/multipath/multipath.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -392,6 +393,95 @@ TEST(Multipath, FailsOverUnderLoadAndFailsBack) {
   std::printf("failover on a failing path: longest gap between completions %.1f ms, %lu writes, %lu reads\n",
               ms(l.longest_gap), static_cast<unsigned long>(l.writes), static_cast<unsigned long>(l.reads));
   l.verify_all(*r.mp, r.image);
+}
+
+// A path whose device died for good (a transport that does not reconnect,
+// like rdma after its server was killed) is closed and opened again from its
+// URI, with backoff while the server is away, and fails back once the
+// reopened device passes a check. Each path reaches the image through its own
+// folder link: removing the link makes the server unreachable (open fails).
+TEST(Multipath, ADeadPathIsReopenedFromItsUriAndFailsBack) {
+  test::temp_dir dir;
+  const std::string real = dir.file("real");
+  ASSERT_EQ(::mkdir(real.c_str(), 0755), 0);
+  const std::string image = test::make_sparse_file(real + "/disk.img", image_size);
+  const std::vector<std::string> links = {dir.file("a"), dir.file("b")};
+  core::registry reg;
+  ASSERT_TRUE(reg.add_vstore(test::shared_path_ops));
+  path_faults faults[2];
+  std::vector<std::unique_ptr<Vstore>> paths;
+  std::vector<std::string> uris;
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_EQ(::symlink(real.c_str(), links[i].c_str()), 0);
+    faults[i].client_timeout_ms = 5000;
+    auto v = Vstore::open(test::shared_path_ops, links[i] + "/disk.img", {}, nullptr, &faults[i]);
+    ASSERT_TRUE(v) << v.err().what();
+    paths.push_back(std::move(*v));
+    uris.push_back("shared-path://" + links[i] + "/disk.img");
+  }
+  auto mo = fast_options();
+  mo.reopen_max = 200ms;
+  std::shared_ptr<storage::multipath_monitor> mon;
+  auto m = storage::open_multipath(std::move(paths), mo, {}, &mon, storage::path_reopen{&reg, uris, {}});
+  ASSERT_TRUE(m) << m.err().what();
+  load l(**m, 1024, 32, 7);
+  l.run_for(200ms);
+
+  // Server A goes away: its connection closes for good, and it cannot be reached.
+  ASSERT_EQ(::unlink(links[0].c_str()), 0);
+  faults[0].set(path_fault::closed);
+  l.run_for(700ms);
+  auto st = mon->status();
+  EXPECT_EQ(st.paths[0].state, path_state::failed) << st.to_string();
+  EXPECT_EQ(st.paths[1].state, path_state::active) << st.to_string();
+  // At once, then 50, 100, 200, 200... ms: a few attempts, not one per tick.
+  EXPECT_GE(st.paths[0].reopens, 2u) << st.to_string();
+  EXPECT_LE(st.paths[0].reopens, 8u) << st.to_string();
+  EXPECT_NE(st.paths[0].last_error.find("reopen"), std::string::npos) << st.to_string();
+
+  // It is back: the next attempt opens it, its check passes, it takes the I/O back.
+  ASSERT_EQ(::symlink(real.c_str(), links[0].c_str()), 0);
+  ASSERT_TRUE(wait_for([&] { return mon->status().paths[0].state == path_state::active; }, 3s))
+      << mon->status().to_string();
+  const uint64_t before = mon->status().paths[0].requests;
+  l.run_for(300ms);
+  st = mon->status();
+  EXPECT_GT(st.paths[0].requests, before) << "the reopened path carries I/O again";
+  EXPECT_EQ(st.paths[1].state, path_state::standby);
+  EXPECT_EQ(l.errors, 0u);
+  EXPECT_EQ(l.mismatches, 0u);
+  l.verify_all(**m, image);
+  std::printf("dead path reopened after %lu attempts; longest gap between completions %.1f ms\n",
+              static_cast<unsigned long>(st.paths[0].reopens), ms(l.longest_gap));
+}
+
+// A path that only failed (its device still answers) is never reopened.
+TEST(Multipath, ALivePathIsNotReopened) {
+  test::temp_dir dir;
+  const std::string image = test::make_sparse_file(dir.file("disk.img"), image_size);
+  core::registry reg;
+  ASSERT_TRUE(reg.add_vstore(test::shared_path_ops));
+  path_faults faults[2];
+  std::vector<std::unique_ptr<Vstore>> paths;
+  std::vector<std::string> uris;
+  for (size_t i = 0; i < 2; ++i) {
+    faults[i].client_timeout_ms = 5000;
+    paths.push_back(std::move(*Vstore::open(test::shared_path_ops, image, {}, nullptr, &faults[i])));
+    uris.push_back("shared-path://" + image);
+  }
+  std::shared_ptr<storage::multipath_monitor> mon;
+  auto m = storage::open_multipath(std::move(paths), fast_options(), {}, &mon, storage::path_reopen{&reg, uris, {}});
+  ASSERT_TRUE(m) << m.err().what();
+  load l(**m, 256, 16, 3);
+  faults[0].set(path_fault::silent);  // stopped: its check hangs, nothing fails with a path error
+  l.run_for(1500ms);
+  EXPECT_EQ(mon->status().paths[0].state, path_state::failed);
+  faults[0].set(path_fault::none);
+  ASSERT_TRUE(wait_for([&] { return mon->status().paths[0].state == path_state::active; }, 3s))
+      << mon->status().to_string();
+  EXPECT_EQ(mon->status().paths[0].reopens, 0u) << "a silent path holds requests: it must not be closed";
+  EXPECT_EQ(l.errors, 0u);
+  l.verify_all(**m, image);
 }
 
 // The path stops answering (SIGSTOP-like). The device must detect it, fence,
