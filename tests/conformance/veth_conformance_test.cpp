@@ -243,10 +243,14 @@ TEST_P(VethConformance, BurstLargerThanQueuesLosesNothingAccepted) {
     desc[i] = core::veth_frame{.data = frames[i].data(), .len = static_cast<uint32_t>(frames[i].size())};
     ptrs[i] = &desc[i];
   }
+  // A stall detector, not a speed limit: emulated transports (Soft-RoCE under
+  // TCG) move a few hundred frames a second, and that is not a failure here.
   uint32_t accepted = 0;
-  auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (accepted < total && std::chrono::steady_clock::now() < deadline) {
-    accepted += a().tx_burst(0, ptrs.data() + accepted, total - accepted);
+  auto last_progress = std::chrono::steady_clock::now();
+  while (accepted < total && std::chrono::steady_clock::now() - last_progress < 20s) {
+    uint32_t k = a().tx_burst(0, ptrs.data() + accepted, total - accepted);
+    if (k) last_progress = std::chrono::steady_clock::now();
+    accepted += k;
     if (accepted < total && a().tx_stopped(0)) {
       if (&a() == &b())
         std::this_thread::yield();  // the receiver owns the shared event fd

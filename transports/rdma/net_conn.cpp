@@ -55,7 +55,7 @@ core::result<std::unique_ptr<net_conn>> net_conn::create(rdma_cm_id* id, uint32_
   for (uint32_t i = 0; i < depth; ++i)
     if (int rc = post_recv(id->qp, i, c->recv_.data() + size_t(i) * recv_size, recv_size, c->recv_.lkey()); rc < 0)
       return core::fail(-rc, "ibv_post_recv");
-  if (ibv_req_notify_cq(scq, 0) != 0 || ibv_req_notify_cq(rcq, 0) != 0) return core::fail(EIO, "ibv_req_notify_cq");
+  if (ibv_req_notify_cq(rcq, 0) != 0) return core::fail(EIO, "ibv_req_notify_cq");
   return c;
 }
 
@@ -74,6 +74,9 @@ core::result<void> net_conn::set_peer(uint32_t peer_depth, uint32_t peer_max_msg
   free_.clear();
   nslots_ = slots;
   for (uint32_t i = slots; i-- > 0;) free_.push_back(i);
+  wrs_.assign(slots, ibv_send_wr{});
+  sges_.assign(slots, ibv_sge{});
+  queued_ = 0;
   win_.reset(depth_, peer_depth);
   return core::ok();
 }
@@ -84,7 +87,19 @@ bool net_conn::arm() {
     void* ctx = nullptr;
     if (ibv_get_cq_event(channel_.get(), &cq, &ctx) != 0) break;  // EAGAIN: drained
     ibv_ack_cq_events(cq, 1);
-    if (ibv_req_notify_cq(cq, 0) != 0) return false;
+    if (cq == send_cq_.get()) {
+      send_armed_ = false;
+    } else if (ibv_req_notify_cq(cq, 0) != 0) {
+      return false;
+    }
+  }
+  // Receives always wake the owner (frames, credits). Send completions only
+  // free slots, which every send path reaps first; they wake the owner only
+  // when it has no slot left, else a sender waiting for credit would wake
+  // once for every send in flight.
+  if (free_.empty() && !send_armed_) {
+    if (ibv_req_notify_cq(send_cq_.get(), 0) != 0) return false;
+    send_armed_ = true;
   }
   return true;
 }
@@ -117,7 +132,7 @@ int net_conn::poll_recv(net_recv* out, int max, ibv_wc_status* failed) {
         *failed = wc[i].status;
         return -1;
       }
-      if (wc[i].wr_id >= depth_ || wc[i].opcode != IBV_WC_RECV) return -1;
+      if (wc[i].wr_id >= depth_ || wc[i].opcode != IBV_WC_RECV || !win_.received(1)) return -1;
       out[k++] = net_recv{static_cast<uint32_t>(wc[i].wr_id), wc[i].byte_len};
     }
     if (n < want) break;
@@ -136,31 +151,50 @@ int net_conn::send(net_msg_hdr h, const void* payload, uint32_t len) {
   bool grant = h.type == net_msg_credit;
   if (free_.empty() || (grant ? win_.credits() < 1 : !win_.may_send_data())) return -EAGAIN;
   uint32_t slot = free_.back();
+  free_.pop_back();
   uint8_t* p = reinterpret_cast<uint8_t*>(send_.data()) + size_t(slot) * slot_size_;
-  uint16_t g = win_.take();
-  h.credits = g;
+  h.credits = win_.take();
   std::memcpy(p, &h, sizeof h);
   if (len) std::memcpy(p + sizeof h, payload, len);
-  ibv_sge sge{reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(sizeof h + len), send_.lkey()};
-  ibv_send_wr wr{};
+  // At most one message per slot is queued, so slots bound the queue.
+  ibv_sge& sge = sges_[queued_];
+  sge = ibv_sge{reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(sizeof h + len), send_.lkey()};
+  ibv_send_wr& wr = wrs_[queued_];
+  wr = ibv_send_wr{};
   wr.wr_id = slot;
   wr.sg_list = &sge;
   wr.num_sge = 1;
   wr.opcode = IBV_WR_SEND;
   wr.send_flags = IBV_SEND_SIGNALED;
-  ibv_send_wr* bad = nullptr;
-  if (int rc = ibv_post_send(id_->qp, &wr, &bad); rc != 0) {
-    win_.untake(g);
-    return -rc;
-  }
-  free_.pop_back();
+  if (queued_) wrs_[queued_ - 1].next = &wr;
+  ++queued_;
   return 0;
 }
 
+int net_conn::flush() {
+  if (!queued_) return 0;
+  ibv_send_wr* bad = nullptr;
+  int rc = ibv_post_send(id_->qp, wrs_.data(), &bad);
+  queued_ = 0;
+  // A post fails only on a queue pair that is broken (or a bug in the
+  // sizing above): the connection is over, credits no longer matter.
+  return rc ? -rc : 0;
+}
+
 int net_conn::grant_if_due() {
-  if (!win_.grant_due() || free_.empty()) return 0;
-  int rc = send(make_hdr(net_msg_credit), nullptr, 0);
-  return rc == -EAGAIN ? 0 : rc;
+  if (!win_.grant_due()) return 0;
+  if (free_.empty()) {
+    // The peer may be waiting for this message: be woken when a slot frees.
+    if (!reap_sends()) return -EIO;
+    if (free_.empty() && !send_armed_) {
+      if (ibv_req_notify_cq(send_cq_.get(), 0) != 0) return -EIO;
+      send_armed_ = true;
+      if (!reap_sends()) return -EIO;
+    }
+    if (free_.empty()) return 0;
+  }
+  if (int rc = send(make_hdr(net_msg_credit), nullptr, 0); rc < 0) return rc == -EAGAIN ? 0 : rc;
+  return flush();
 }
 
 }  // namespace uvd::rdma

@@ -45,13 +45,15 @@ class net_conn {
   uint32_t peer_max_msg() const noexcept { return peer_max_msg_; }
   credit_window& window() noexcept { return win_; }
 
-  // Takes the completion channel's events and rearms both queues; call
-  // before polling them so that nothing completes unnoticed.
+  // Takes the completion channel's events and rearms the receive queue, and
+  // the send queue when no send slot is free; call before polling them so
+  // that nothing completes unnoticed.
   bool arm();
   // Frees the slots of completed sends; false when a send failed.
   bool reap_sends();
-  // Up to max completed receives into out; -1 when the connection is broken
-  // (*failed: the status of the receive that failed).
+  // Up to max completed receives into out, counted as taken (credit_window::
+  // received); -1 when the connection is broken (*failed: the status of the
+  // receive that failed, IBV_WC_SUCCESS for a completion that cannot be).
   int poll_recv(net_recv* out, int max, ibv_wc_status* failed);
   const uint8_t* buf(uint32_t idx) const noexcept { return recv_.data() ? reinterpret_cast<const uint8_t*>(recv_.data()) + size_t(idx) * recv_size_ : nullptr; }
   // Posts receive idx again (its data is no longer needed) and counts it as a credit to return.
@@ -60,11 +62,15 @@ class net_conn {
   // A frame, mtu or link message may go now (two credits, a free slot).
   bool may_send_data() const noexcept { return win_.may_send_data() && !free_.empty(); }
   size_t free_slots() const noexcept { return free_.size(); }
-  // Posts one message: hdr (its credits field is filled here) and payload.
-  // 0; -EAGAIN without credit or slot; -EMSGSIZE over the peer's buffers;
-  // another -errno when the queue pair is broken.
+  // Queues one message: hdr (its credits field is filled here) and payload,
+  // copied into a send slot; flush() posts what was queued, in one call (one
+  // doorbell for a burst). 0; -EAGAIN without credit or slot; -EMSGSIZE
+  // over the peer's buffers.
   int send(net_msg_hdr h, const void* payload, uint32_t len);
-  // Sends a credit message when one is due (see net_proto.hpp). 0 or -errno.
+  // Posts the queued messages. 0, or -errno when the queue pair is broken.
+  int flush();
+  // Sends (and flushes) a credit message when one is due (net_proto.hpp, R2).
+  // 0 or -errno.
   int grant_if_due();
 
  private:
@@ -78,8 +84,12 @@ class net_conn {
   uint32_t depth_ = 0, recv_size_ = 0, send_wr_ = 0;
   uint32_t peer_max_msg_ = 0, slot_size_ = 0, nslots_ = 0;
   std::vector<uint32_t> free_;
+  std::vector<ibv_send_wr> wrs_;  // queued by send(), chained, posted by flush()
+  std::vector<ibv_sge> sges_;
+  uint32_t queued_ = 0;
   credit_window win_;
   bool has_qp_ = false;
+  bool send_armed_ = false;
 };
 
 }  // namespace uvd::rdma

@@ -23,15 +23,47 @@
 // Flow control by credits. Each end posts `depth` receive buffers of
 // `max_msg` bytes (both announced in the hello / welcome); those are the
 // other end's initial credits. A SEND uses one credit; every header returns
-// the credits (receives reposted) its sender gained since its previous
-// message. Rules, which keep both ends live (no state where both wait):
-//   - a frame, mtu or link message needs two credits: the last one is kept
-//     for a credit message;
-//   - a credit message goes out when the reposted-but-unreturned receives
-//     reach grant_threshold(depth) and one credit is left;
-//   - nobody ever sends more than the other posted, so the receive queue
-//     never runs dry (no RNR); a peer that returns more credits than its
-//     depth allows is broken and is disconnected.
+// the credits its sender gained since its previous message: receives it
+// reposted. A receive holding a frame is reposted only once the application
+// has taken the frame (so a reader that falls behind pushes back on the
+// sender, whose switch then drops at the egress, like a full NIC ring);
+// a receive holding anything else is reposted by the transport at once,
+// whatever the application does. Per end, with C its credits, P its
+// reposted-but-unreturned receives, H its receives taken and not yet
+// reposted, D its depth and A = D - P - H (what it has announced and the
+// peer may still send it: the peer's credits plus messages on the way):
+//   R1 a frame, mtu or link message needs C >= 2: the last credit is kept
+//      for a credit message, so a peer whose application sits on its frames
+//      (H = D - 1) can still be handed credits, and its own sends never stop
+//      for want of our receives;
+//   R2 a credit message goes out when P >= 1, C >= 1 and A < 2 (the peer may
+//      be unable to send a frame: it gets what there is, now), or when
+//      P >= grant_threshold(D) and C >= 2 (a batch: few credit messages; not
+//      with the last credit, which the frames it would starve need more);
+//   R3 both are checked again whenever C, P or H change: after every poll of
+//      the receive queue and every repost.
+// Why this cannot deadlock, for any two depths (>= 4):
+//   - both ends are never at C = 0 once the wire is empty: a credit can be
+//     spent down to zero only by a credit message (R1), which returns at
+//     least one (R2); of two such messages the later one, or both if they
+//     cross, arrives at an end that has spent its last credit already and
+//     gives it credit again;
+//   - an end at C = 0 spent its last credit on a credit message (R1),
+//     which the peer reposts at once and has not returned yet (else C >= 1):
+//     the peer has P >= 1, A < 2 and (first point) C >= 1, so it sends
+//     credits by R2, whatever its application does;
+//   - an end at C = 1 whose peer is stuck sends credits by R2 as soon as
+//     P >= 1; P = D - A - H = 0 with A < 2 means its application sits on
+//     D - 1 frames, all that R1 lets the peer send it, and the peer waits
+//     rightly: for that application to read.
+// So an application that does not read stops only its own receiving: its
+// peer stops sending it frames (the switch drops them), nothing else stops.
+// A credit message smaller than a batch answers a peer that may be stuck;
+// two ends answering each other so forever would both have to sit on their
+// frames, and the switch's end never does (it reposts every burst).
+// Nobody sends more than the other posted, so the receive queue never runs
+// dry (no RNR); a peer that returns more credits than its depth allows is
+// broken and is disconnected.
 // A message longer than the receiver's buffers fails the receiver's queue
 // pair (IBV_WC_LOC_LEN_ERR): the switch counts it as oversize and drops the
 // port; both ends hold to the peer's announced max_msg.
@@ -131,7 +163,6 @@ inline constexpr uint32_t net_min_msg = sizeof(net_msg_hdr) + 14 + 68;
 // The largest message: a header and the largest GSO frame (net/eth.hpp gso_max_frame).
 inline constexpr uint32_t net_max_msg = sizeof(net_msg_hdr) + 65536 + 14 + 4;
 
-// An eighth of the receives: few credit messages, and the sender never waits long.
 // Credits are returned in batches of an eighth of the receives: few credit
 // messages, and a sender never waits long.
 inline uint32_t grant_threshold(uint32_t depth) { return depth / 8 > 2 ? depth / 8 : 2; }
@@ -202,15 +233,25 @@ class credit_window {
   void reset(uint32_t own_depth, uint32_t peer_depth) {
     credits_ = peer_depth;
     peer_depth_ = peer_depth;
+    own_depth_ = own_depth;
     pending_ = 0;
+    taken_ = 0;
     threshold_ = grant_threshold(own_depth);
   }
   uint32_t credits() const { return credits_; }
+  // Receives reposted and not yet returned to the peer (P).
   uint32_t pending() const { return pending_; }
-  // A frame, mtu or link message may go.
+  // Receives completed and not yet reposted (H).
+  uint32_t taken() const { return taken_; }
+  // At most what the peer may still send us (A).
+  uint32_t announced() const { return own_depth_ - pending_ - taken_; }
+  // R1: a frame, mtu or link message may go.
   bool may_send_data() const { return credits_ >= 2; }
-  // A credit message is due and may go.
-  bool grant_due() const { return pending_ >= threshold_ && credits_ >= 1; }
+  // R2: a credit message is due and may go.
+  bool grant_due() const {
+    if (credits_ < 1 || pending_ == 0) return false;
+    return announced() < 2 || (pending_ >= threshold_ && credits_ >= 2);
+  }
   // Takes a credit for a message about to be posted and returns the grant
   // its header carries.
   uint16_t take() {
@@ -219,13 +260,18 @@ class credit_window {
     pending_ = 0;
     return g;
   }
-  // The post failed after take(): nothing left.
-  void untake(uint16_t g) {
-    ++credits_;
-    pending_ += g;
+  // n of our receives completed; false when more than we had posted (a
+  // device that invents completions: nothing more can be trusted).
+  bool received(uint32_t n) {
+    if (uint64_t(n) > announced()) return false;
+    taken_ += n;
+    return true;
   }
-  // n of our receives were reposted.
-  void reposted(uint32_t n) { pending_ += n; }
+  // n of the receives taken were reposted.
+  void reposted(uint32_t n) {
+    taken_ -= n;
+    pending_ += n;
+  }
   // The peer returned n credits; false when that is more than it could have
   // (a broken or hostile peer).
   bool granted(uint32_t n) {
@@ -235,7 +281,7 @@ class credit_window {
   }
 
  private:
-  uint32_t credits_ = 0, peer_depth_ = 0, pending_ = 0, threshold_ = 2;
+  uint32_t credits_ = 0, peer_depth_ = 0, own_depth_ = 0, pending_ = 0, taken_ = 0, threshold_ = 2;
 };
 
 }  // namespace uvd::rdma

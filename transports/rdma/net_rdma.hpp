@@ -11,7 +11,8 @@
 //                      egress burst towards this port)
 //     max_mtu=N        largest MTU (default 9000; sizes the receive buffers without offload)
 //     src=ADDR         local address to connect from (picks the local RDMA device)
-//     timeout_ms=N     address/route resolution and connect timeout (default 3000)
+//     timeout_ms=N     address and route resolution timeout (default 3000)
+//     connect_ms=N     wait for the switch's answer to a connect (default 15000)
 //     wait=1           start even if the switch is not there yet (link down)
 //     reconnect_ms=N   retry interval after the switch goes away (default 200)
 // When the switch goes away the Veth's link goes down; the transport

@@ -3,10 +3,12 @@
 // to the netback switch (net_proto.hpp). Reconnects on its own; the link is
 // down meanwhile.
 //
-// Receives are absorbed wherever the connection is serviced: rx_poll, and
-// xmit when it runs out of credits (the credits it waits for arrive as
-// receives). Frames absorbed by xmit wait in their receive buffers, which are
-// reposted only once rx_poll has copied them out.
+// Receives are absorbed wherever the connection is serviced (rx_poll, xmit,
+// tx_timeout): credits are applied and credit messages reposted at once;
+// frames wait in their receive buffers, which are reposted (and their
+// credits returned) only once rx_poll has copied them out. The switch keeps
+// one of our receives free for a credit message (net_proto.hpp, R1), so a
+// reader that falls behind never stops our transmit.
 #include <fcntl.h>
 #include <netdb.h>
 #include <sys/epoll.h>
@@ -43,7 +45,7 @@ struct net_dev {
   uint32_t mtu = 1500, max_mtu = 9000, depth = 128;
   uint32_t link_max_mtu = 65535;
   bool offload = true;
-  int timeout_ms = 3000, reconnect_ms = 200;
+  int timeout_ms = 3000, connect_ms = 15000, reconnect_ms = 200;
   const core::veth_host* cb = nullptr;
   int ep = -1, timer = -1;
   std::mutex mu;  // everything below: data path and control
@@ -144,7 +146,9 @@ int connect_switch(net_dev& d, std::string* err) {
   // retry still covers a receive being reposted at that very moment.
   cp.rnr_retry_count = 7;
   if (rdma_connect(raw, &cp) != 0) return fail(errno, "rdma_connect");
-  auto ev = next_cm_event(ch, d.timeout_ms + 1000);
+  // A switch that is not there rejects at once (or the CM gives up with an
+  // error event); a loaded one may take seconds to set the port up.
+  auto ev = next_cm_event(ch, d.connect_ms);
   if (!ev) return fail(ev.err().errnum(), "connect: " + ev.err().message);
   if (ev->type == RDMA_CM_EVENT_REJECTED) {
     int status = 0;
@@ -195,9 +199,12 @@ void lose_switch(net_dev& d, const char* why) {
   if (d.cb) d.cb->link_changed(d.cb->owner, 0);
 }
 
-// Takes every completed receive: credits are applied at once, frames wait
-// in their buffers for rx_poll. False when the connection broke.
-bool absorb(net_dev& d) {
+// Takes every completed receive: credits are applied and credit messages
+// reposted at once, frames wait in their buffers for rx_poll. Then (R3)
+// returns credits if due (unless the caller is about to send frames, which
+// carry them) and wakes a transmit queue stopped for want of credit. False
+// when the connection broke.
+bool absorb(net_dev& d, bool grant = true) {
   net_conn& c = *d.conn;
   if (!c.reap_sends()) return false;
   if (d.rv.size() < c.depth()) d.rv.resize(c.depth());
@@ -220,16 +227,12 @@ bool absorb(net_dev& d) {
     }
     if (c.repost(h.idx) != 0) return false;
   }
-  // A front end that transmits but does not read would keep every receive
-  // busy, and then not even a credit message could reach it: past half the
-  // receives, the oldest frames are dropped (an rx ring overflowing).
-  while (d.held.size() > c.depth() / 2) {
-    uint32_t idx = d.held.front().idx;
-    d.held.pop_front();
-    d.rx_dropped.fetch_add(1, std::memory_order_relaxed);
-    if (c.repost(idx) != 0) return false;
-  }
   if (frames && d.cb) d.cb->rx_ready(d.cb->owner, 0);
+  if (grant && c.grant_if_due() < 0) return false;
+  if (d.want_tx && c.may_send_data()) {
+    d.want_tx = false;
+    if (d.cb) d.cb->tx_done(d.cb->owner, 0);
+  }
   return true;
 }
 
@@ -241,8 +244,9 @@ int send_control(net_dev& d) {
     if (!c.may_send_data()) return 0;
     bool mtu = d.send_mtu;
     uint32_t v = mtu ? d.mtu : (d.admin_up ? 1 : 0);
-    if (int rc = c.send(make_hdr(mtu ? net_msg_mtu : net_msg_link), &v, 4); rc < 0) return rc;
+    if (int rc = c.send(make_hdr(mtu ? net_msg_mtu : net_msg_link), &v, 4); rc < 0) return rc == -EAGAIN ? 0 : rc;
     (mtu ? d.send_mtu : d.send_link) = false;
+    if (int rc = c.flush(); rc < 0) return rc;
   }
 }
 
@@ -284,7 +288,8 @@ int net_open(const core::veth_open_params* p, void** handle) {
     return true;
   };
   if (!num("depth", net_min_depth, net_max_depth, &d->depth) || !num("max_mtu", 68, 65535, &d->max_mtu) ||
-      !num("timeout_ms", 10, 60000, &d->timeout_ms) || !num("reconnect_ms", 10, 60000, &d->reconnect_ms))
+      !num("timeout_ms", 10, 60000, &d->timeout_ms) || !num("connect_ms", 10, 120000, &d->connect_ms) ||
+      !num("reconnect_ms", 10, 60000, &d->reconnect_ms))
     return -EINVAL;
   if (d->mtu > d->max_mtu) {
     set_err(p, "MTU " + std::to_string(d->mtu) + " is over max_mtu " + std::to_string(d->max_mtu));
@@ -332,14 +337,18 @@ int net_xmit(void* h, uint32_t, core::veth_frame* const* frames, uint32_t n) {
     return static_cast<int>(n);
   }
   net_conn& c = *d->conn;
-  bool serviced = false;
   uint32_t sent = 0;
+  auto broke = [&](const char* why) {
+    d->tx_dropped.fetch_add(n - sent, std::memory_order_relaxed);
+    lose_switch(*d, why);
+    return static_cast<int>(n);
+  };
+  // Credits that came back since the last call first (a sender that never
+  // reads still takes its credit messages here).
+  if (!absorb(*d, false)) return broke("the connection broke");
+  bool serviced = false;
   while (sent < n) {
-    if ((d->send_mtu || d->send_link) && send_control(*d) < 0) {
-      d->tx_dropped.fetch_add(n - sent, std::memory_order_relaxed);
-      lose_switch(*d, "a send failed");
-      return static_cast<int>(n);
-    }
+    if ((d->send_mtu || d->send_link) && send_control(*d) < 0) return broke("a send failed");
     if (!d->send_mtu && !d->send_link && c.may_send_data()) {
       net_msg_hdr hdr;
       frame_to_hdr(*frames[sent], &hdr);
@@ -349,23 +358,21 @@ int net_xmit(void* h, uint32_t, core::veth_frame* const* frames, uint32_t n) {
         ++sent;
         continue;
       }
-      if (rc != -EAGAIN) {
-        d->tx_dropped.fetch_add(n - sent, std::memory_order_relaxed);
-        lose_switch(*d, "a send failed");
-        return static_cast<int>(n);
-      }
     }
-    // Out of credits or slots: take what has completed (the credits come
-    // back in receives), once per call; then wait for tx_done.
+    // Out of credits or slots: post what is queued, re-arm the completion
+    // channel (the caller may sleep on it) and look once more.
     if (serviced) break;
     serviced = true;
-    if (!c.arm() || !absorb(*d) || c.grant_if_due() < 0) {
-      d->tx_dropped.fetch_add(n - sent, std::memory_order_relaxed);
-      lose_switch(*d, "the connection broke");
-      return static_cast<int>(n);
-    }
+    if (c.flush() < 0) return broke("a send failed");
+    if (!c.arm() || !absorb(*d, false)) return broke("the connection broke");
   }
-  if (sent < n) d->want_tx = true;
+  if (c.flush() < 0 || c.grant_if_due() < 0) return broke("a send failed");
+  if (sent < n) {
+    // The caller waits for tx_done: arm for what brings credits or slots,
+    // then look once more (what came meanwhile wakes the queue at once).
+    d->want_tx = true;
+    if (!c.arm() || !absorb(*d, false)) return broke("the connection broke");
+  }
   return static_cast<int>(sent);
 }
 
@@ -418,6 +425,7 @@ int net_rx_poll(void* h, uint32_t q, core::veth_frame* frames, uint32_t budget) 
       return static_cast<int>(k);
     }
   }
+  // The frames' receives went back: their credits may be due (R3).
   if (send_control(*d) < 0 || c.grant_if_due() < 0) {
     lose_switch(*d, "a send failed");
     return static_cast<int>(k);

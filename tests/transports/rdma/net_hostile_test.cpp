@@ -270,8 +270,19 @@ class RdmaNetHostile : public ::testing::Test {
     return t;
   }
 
-  // The well-behaved pair still talks through the switch.
+  // The well-behaved pair still talks through the switch. The hostile
+  // peer's frames to unknown destinations were flooded to both, as a
+  // learning switch does: b reads its share first (a full rx ring rightly
+  // stops delivery to it); a's stays unread, which must not stop a's
+  // transmit (the switch keeps a receive free for its credits).
   void good_pair_delivers(uint32_t seq) {
+    std::vector<core::veth_frame> junk(64);
+    for (auto quiet = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - quiet < 300ms;) {
+      if (b_->rx_burst(0, junk.data(), 64))
+        quiet = std::chrono::steady_clock::now();
+      else
+        test::wait_veth(*b_, 5ms);
+    }
     std::vector<std::vector<uint8_t>> frames;
     for (uint32_t i = 0; i < 20; ++i) frames.push_back(test::make_test_frame(100 + i * 50, b_->mac(), a_->mac(), seq + i));
     ASSERT_EQ(test::send_frames(*a_, frames), frames.size());
