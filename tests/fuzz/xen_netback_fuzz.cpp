@@ -4,14 +4,17 @@
 // hostile front end (domain 1) whose xenstore values (tx-ring-ref,
 // rx-ring-ref, event-channel, request-rx-copy, mac, feature-persistent,
 // multi-queue-num-queues) and ring contents come from the input: tx slots
-// with any flags (more_data chains, extra_info, csum_blank), offsets, sizes
+// with any flags (more_data chains, extra_info chains, csum_blank,
+// data_validated), offsets, sizes
 // and grant refs; rx buffers posted with any refs and ids; scribbled ring
 // indices; revoked grants and state changes. A second switch port (in this
 // file) injects frames towards the interface, so the rx ring is filled too,
 // and checks what the switch delivers from it. Checked after each input:
 //   - with a well-formed handshake the interface connects;
 //   - while the front end keeps to the ring rules, every tx slot of a
-//     finished chain is answered once, with its id, within 5 s;
+//     finished chain (netif.h's grammar: first slot, extra-info slots while
+//     the one before asks for more, data slots while more_data) is answered
+//     once, with its id, within 5 s;
 //   - rx responses carry ids that were posted and sizes within a page;
 //   - the read-only page is untouched;
 //   - frames that leave the switch from the interface never carry the peer's
@@ -150,6 +153,7 @@ struct trial {
   std::map<uint16_t, int> tx_owed, rx_owed;  // ids of slots owed an answer / buffers posted
   uint32_t tx_done = 0;   // slots of finished chains (each owed one answer)
   uint32_t tx_open = 0;   // slots of the chain being built
+  bool tx_more = false, tx_extra_next = false;
   uint32_t tx_got = 0;
   uint16_t next_id = 0;
 
@@ -215,7 +219,7 @@ struct trial {
     if (mode & 2) r.offset %= page_size;
     if (mode & 4) r.size = static_cast<uint16_t>(r.size % (tx_open == 0 ? net_max_frame + 1 : page_size + 1));
     if (mode & 8) r.id = next_id++;
-    if (mode & 16) r.flags &= NETTXF_more_data;  // only the flag that was negotiated
+    if (mode & 16) r.flags &= NETTXF_more_data;  // a plain data slot
     if (tx_open == 0 && (mode & 32)) {
       // A frame header in the page the slot names (if it is one of ours).
       for (auto& d : data)
@@ -230,8 +234,18 @@ struct trial {
     std::memcpy(tx.next_request(), &r, sizeof r);
     tx.produce();
     ++tx_owed[r.id];
+    if (tx_open == 0) {
+      tx_more = r.flags & NETTXF_more_data;
+      tx_extra_next = r.flags & NETTXF_extra_info;
+    } else if (tx_extra_next) {
+      netif_extra_info e;
+      std::memcpy(&e, &r, sizeof e);
+      tx_extra_next = e.flags & XEN_NETIF_EXTRA_FLAG_MORE;
+    } else {
+      tx_more = r.flags & NETTXF_more_data;
+    }
     ++tx_open;
-    if (!(r.flags & NETTXF_more_data)) {
+    if (!tx_more && !tx_extra_next) {
       tx_done += tx_open;
       tx_open = 0;
     }
@@ -272,7 +286,8 @@ struct trial {
       auto it = tx_owed.find(t.id);
       XEN_FUZZ_CHECK(it != tx_owed.end());
       if (--it->second == 0) tx_owed.erase(it);
-      XEN_FUZZ_CHECK(t.status == NETIF_RSP_OKAY || t.status == NETIF_RSP_ERROR || t.status == NETIF_RSP_DROPPED);
+      XEN_FUZZ_CHECK(t.status == NETIF_RSP_OKAY || t.status == NETIF_RSP_ERROR || t.status == NETIF_RSP_DROPPED ||
+                     t.status == NETIF_RSP_NULL);
     }
     if (k == core::ring_take::broken) ok = false;
     netif_rx_response r;

@@ -3,9 +3,14 @@
 // xen://<backend-domid>/<handle>?hv=local&hub=PATH&domid=N. A tx and an rx
 // ring of one page each, one event channel, rx-copy: the front end posts all
 // 256 rx pages at once and the back end copies frames into them. Frames up to
-// 9018 bytes, over several slots (feature-sg). Responses are untrusted: an id
-// we did not post, a size outside its page or an error status drops the
-// frame and is counted.
+// 9018 bytes, over several slots (feature-sg); with offloads (the default;
+// csum=0 / gso=0 turn them off) partial checksums (NETTXF/NETRXF_csum_blank)
+// and TCP large segments up to 64 KiB (XEN_NETIF_EXTRA_TYPE_GSO) both ways,
+// finished here in software for what the back end does not take. Responses
+// are untrusted: an id that is not the one posted in that ring slot, a size
+// outside its page, an error status, extra info we never asked for or
+// checksum flags on a frame whose checksum cannot be found drop the frame
+// and are counted.
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -21,6 +26,7 @@
 
 #include "core/uri.hpp"
 #include "net/eth.hpp"
+#include "net/offload.hpp"
 #include "transports/xen/hv_open.hpp"
 #include "transports/xen/netif.hpp"
 #include "transports/xen/xen.hpp"
@@ -45,6 +51,8 @@ struct netfront {
   bool mac_from_front = false;
   net::mac_addr mac;
   const core::veth_host* host = nullptr;
+  bool csum = true, gso = true;  // offloads we take and give (URI options csum, gso)
+  netif_features back_feat;      // what the back end takes from us
 
   std::unique_ptr<granted_pages> tx_ring_pg, rx_ring_pg, tx_pool, rx_pool;
   std::unique_ptr<event_channel> evt;
@@ -57,12 +65,26 @@ struct netfront {
   uint16_t tx_free = no_id;
   uint32_t tx_free_count = 0;
   bool tx_stopped = false;
-  std::vector<bool> rx_posted;     // ids whose page the back end holds
+  // Rx buffer ids follow ring slots (id = slot index mod ring size, as Linux
+  // netfront): an extra-info response overlays its id, so the slot is all
+  // that says which buffer it used. Every response reposts its slot's buffer.
+  uint32_t rx_prod = 0, rx_cons = 0;
   std::vector<uint8_t> stage;      // a multi-slot frame being assembled
   uint32_t stage_len = 0;
   bool stage_bad = false;
   bool in_chain = false;
+  bool rx_more = false, rx_extra_next = false;
+  uint16_t rx_first_flags = 0;
+  uint32_t rx_extras = 0;
+  netif_extra_info rx_gso{};
+  bool rx_have_gso = false;
   bool connected = false;
+  // Tx frames finished here: a checksum the back end cannot find or take,
+  // segments of a large frame it does not take.
+  std::vector<uint8_t> tx_stage;
+  std::unique_ptr<uint8_t[]> seg_arena;
+  uint32_t seg_arena_len = 0;
+  std::vector<core::veth_frame> segs;
 
   std::atomic<uint64_t> rx_errors{0}, rx_dropped{0}, tx_errors{0}, tx_dropped{0};
   int stop_fd = -1;
@@ -72,13 +94,13 @@ struct netfront {
   const std::byte* rx_page(uint16_t id) const {
     return static_cast<const std::byte*>(rx_pool->addr()) + size_t{id} * page_size;
   }
-  void post_rx_locked(uint16_t id) {
+  void post_rx_locked() {
+    auto id = static_cast<uint16_t>(rx_prod++ & (net_ring_size - 1));
     netif_rx_request* r = rx.next_request();
     std::memset(r, 0, sizeof *r);
     r->id = id;
     r->gref = rx_pool->ref(id);
     rx.produce();
-    rx_posted[id] = true;
   }
 };
 
@@ -110,6 +132,15 @@ core::result<void> handshake(netfront& f) {
   if (!copy || *copy != 1) return core::fail(EPROTO, "netfront: back end does not offer feature-rx-copy");
   auto sg = read_uint(s, no_txn, f.bdir + "/feature-sg");
   if (!sg || *sg != 1) return core::fail(EPROTO, "netfront: back end does not offer feature-sg");
+  auto be = [&](const char* key) {
+    auto x = read_uint(s, no_txn, f.bdir + "/" + key);
+    return x && *x == 1;
+  };
+  f.back_feat.sg = true;
+  f.back_feat.csum4 = true;  // netif.h: every back end takes IPv4 partial checksums
+  f.back_feat.csum6 = be("feature-ipv6-csum-offload");
+  f.back_feat.gso4 = be("feature-gso-tcpv4");
+  f.back_feat.gso6 = be("feature-gso-tcpv6");
   auto mff = read_uint(s, no_txn, f.bdir + "/mac-from-front");
   f.mac_from_front = mff && *mff == 1;
   if (!f.mac_from_front) {
@@ -143,9 +174,13 @@ core::result<void> handshake(netfront& f) {
   for (uint32_t i = 0; i < net_ring_size; ++i) f.tx_next[i] = static_cast<uint16_t>(i + 1 < net_ring_size ? i + 1 : no_id);
   f.tx_free = 0;
   f.tx_free_count = net_ring_size;
-  f.rx_posted.assign(net_ring_size, false);
-  f.stage.resize(net_max_frame);
-  for (uint32_t i = 0; i < net_ring_size; ++i) f.post_rx_locked(static_cast<uint16_t>(i));
+  f.stage.resize(f.gso ? net::gso_max_frame : net_max_frame);
+  f.tx_stage.resize(net::gso_max_frame);
+  f.seg_arena_len = net::gso_max_frame + net::gso_max_segs * 256;
+  f.seg_arena.reset(new uint8_t[f.seg_arena_len]);
+  f.segs.resize(net::gso_max_segs);
+  f.rx_prod = f.rx_cons = 0;
+  for (uint32_t i = 0; i < net_ring_size; ++i) f.post_rx_locked();
   (void)f.rx.push_requests();
 
   auto r = with_transaction(s, [&](txn_t t) -> core::result<void> {
@@ -156,8 +191,11 @@ core::result<void> handshake(netfront& f) {
         {"request-rx-copy", "1"},
         {"feature-rx-notify", "1"},
         {"feature-sg", "1"},
-        {"feature-no-csum-offload", "1"},
-        {"feature-gso-tcpv4", "0"},
+        // What we take on rx: netif.h assumes IPv4 partial checksums unless told not to.
+        {"feature-no-csum-offload", f.csum ? "0" : "1"},
+        {"feature-ipv6-csum-offload", f.csum ? "1" : "0"},
+        {"feature-gso-tcpv4", f.gso ? "1" : "0"},
+        {"feature-gso-tcpv6", f.gso ? "1" : "0"},
         // Our pools stay granted while connected: the back end may keep them mapped (uvd extension).
         {"feature-persistent", "1"},
     };
@@ -187,6 +225,7 @@ bool reap_tx_locked(netfront& f) {
   netif_tx_response rsp;
   core::ring_take t;
   while ((t = f.tx.take_response(&rsp)) == core::ring_take::item) {
+    if (rsp.status == NETIF_RSP_NULL) continue;  // an extra-info slot's: it held no page
     if (rsp.id >= net_ring_size || !f.tx_busy[rsp.id]) {
       ++f.tx_errors;  // an id we have not sent: ignore it
       continue;
@@ -260,6 +299,16 @@ int xen_veth_open(const core::veth_open_params* p, void** handle) {
   f->back = static_cast<domid_t>(back);
   f->handle = static_cast<uint32_t>(h);
   f->mac = net::mac_addr::from(p->mac);
+  for (auto [key, flag] : {std::pair<const char*, bool*>{"csum", &f->csum}, {"gso", &f->gso}}) {
+    std::string v;
+    if (!core::find_option(p->options, key, &v)) continue;
+    if (v != "0" && v != "1") {
+      set_err(p, std::string("xen: option ") + key + " must be 0 or 1");
+      return -EINVAL;
+    }
+    *flag = v == "1";
+  }
+  f->gso = f->gso && f->csum;  // large segments always carry partial checksums
   auto hv = open_hypervisor_from_options(p->options);
   if (!hv) {
     set_err(p, hv.err().what());
@@ -312,13 +361,114 @@ void xen_veth_close(void* handle) {
   ::close(f->stop_fd);
 }
 
-int xen_veth_caps(void*, core::veth_caps* out) {
+int xen_veth_caps(void* handle, core::veth_caps* out) {
+  auto* f = static_cast<netfront*>(handle);
   *out = {};
   out->min_mtu = 68;
   out->max_mtu = net_max_mtu;
   out->nqueues = 1;
-  out->features = core::VETH_F_LINK_STATE;
+  out->features = core::VETH_F_LINK_STATE | core::VETH_F_SG;
+  if (f->csum) out->features |= core::VETH_F_TX_CSUM | core::VETH_F_RX_CSUM;
+  if (f->gso) out->features |= core::VETH_F_TSO;
   return 0;
+}
+
+// Ring slots and tx pages a frame of len bytes takes.
+uint32_t data_slots(uint32_t len) { return static_cast<uint32_t>((len + page_size - 1) / page_size); }
+
+bool room_locked(const netfront& f, uint32_t pages, uint32_t slots) {
+  return f.tx_free_count >= pages && f.tx.free_requests() >= slots;
+}
+
+// Puts one frame on the tx ring (room checked): its pages, NETTXF flags and,
+// for a large segment, a GSO extra-info slot after the first.
+void put_frame_locked(netfront& f, const uint8_t* data, uint32_t len, uint16_t flags, uint16_t gso_size,
+                      uint8_t gso_type) {
+  uint32_t slots = data_slots(len);
+  for (uint32_t i = 0; i < slots; ++i) {
+    uint16_t id = f.tx_free;
+    f.tx_free = f.tx_next[id];
+    --f.tx_free_count;
+    f.tx_busy[id] = true;
+    uint32_t off = i * static_cast<uint32_t>(page_size);
+    uint32_t k = std::min<uint32_t>(static_cast<uint32_t>(page_size), len - off);
+    std::memcpy(f.tx_page(id), data + off, k);
+    netif_tx_request* r = f.tx.next_request();
+    std::memset(r, 0, sizeof *r);
+    r->gref = f.tx_pool->ref(id);
+    r->offset = 0;
+    r->id = id;
+    r->size = static_cast<uint16_t>(i == 0 ? len : k);  // the first slot carries the frame's length
+    uint16_t fl = i + 1 < slots ? NETTXF_more_data : 0;
+    if (i == 0) fl = static_cast<uint16_t>(fl | flags | (gso_size ? NETTXF_extra_info : 0));
+    r->flags = fl;
+    f.tx.produce();
+    if (i == 0 && gso_size) {
+      netif_extra_info e;
+      std::memset(&e, 0, sizeof e);
+      e.type = XEN_NETIF_EXTRA_TYPE_GSO;
+      e.u.gso.size = gso_size;
+      e.u.gso.type = gso_type;
+      auto* slot = f.tx.next_request();
+      std::memset(slot, 0, sizeof *slot);
+      std::memcpy(slot, &e, sizeof e);
+      f.tx.produce();
+    }
+  }
+}
+
+// One frame from the front half onto the ring, its offloads mapped onto
+// netif's or finished here where the back end does not take them. False:
+// no room (nothing taken).
+bool send_frame_locked(netfront& f, const veth_frame& fr) {
+  const bool gso = fr.flags & core::VETH_FRAME_GSO;
+  const bool partial = fr.flags & core::VETH_FRAME_CSUM_PARTIAL;
+  bool ipv6 = false;
+  const bool derivable = (gso || partial) && netif_csum_derivable(fr, &ipv6);
+  if (gso) {
+    bool v6 = (fr.gso_type & 0x7f) == 2;
+    if (derivable && fr.len <= net_max_tx_gso_frame && (v6 ? f.back_feat.gso6 : f.back_feat.gso4)) {
+      uint32_t slots = data_slots(fr.len);
+      if (!room_locked(f, slots, slots + 1)) return false;
+      put_frame_locked(f, fr.data, fr.len, NETTXF_csum_blank | NETTXF_data_validated, fr.gso_size,
+                       v6 ? XEN_NETIF_GSO_TYPE_TCPV6 : XEN_NETIF_GSO_TYPE_TCPV4);
+      return true;
+    }
+    // Cut here; every segment or none goes on the ring.
+    net::frame_layout l;
+    int ns = -1;
+    if (net::check_offload(fr, net_max_mtu, &l) == 0)
+      ns = net::gso_segment(fr, l, f.seg_arena.get(), f.seg_arena_len, f.segs.data(), net::gso_max_segs);
+    if (ns <= 0) {
+      ++f.tx_errors;
+      return true;
+    }
+    uint32_t pages = 0;
+    for (int i = 0; i < ns; ++i) pages += data_slots(f.segs[i].len);
+    if (!room_locked(f, pages, pages)) return false;
+    for (int i = 0; i < ns; ++i) put_frame_locked(f, f.segs[i].data, f.segs[i].len, NETTXF_data_validated, 0, 0);
+    return true;
+  }
+  const uint8_t* data = fr.data;
+  uint16_t flags = (fr.flags & core::VETH_FRAME_CSUM_VALID) ? NETTXF_data_validated : 0;
+  if (partial) {
+    if (derivable && (ipv6 ? f.back_feat.csum6 : f.back_feat.csum4)) {
+      flags = NETTXF_csum_blank | NETTXF_data_validated;
+    } else {
+      // netif could not say where this checksum goes: fill it in a copy.
+      std::memcpy(f.tx_stage.data(), fr.data, fr.len);
+      if (net::finish_csum(f.tx_stage.data(), fr.len, fr.csum_start, fr.csum_offset) != 0) {
+        ++f.tx_errors;
+        return true;
+      }
+      data = f.tx_stage.data();
+      flags = NETTXF_data_validated;
+    }
+  }
+  uint32_t slots = data_slots(fr.len);
+  if (!room_locked(f, slots, slots)) return false;
+  put_frame_locked(f, data, fr.len, flags, 0, 0);
+  return true;
 }
 
 int xen_veth_xmit(void* handle, uint32_t, veth_frame* const* frames, uint32_t n) {
@@ -334,37 +484,65 @@ int xen_veth_xmit(void* handle, uint32_t, veth_frame* const* frames, uint32_t n)
         ++f->tx_dropped;  // link down: taken and dropped, like a NIC without carrier
         continue;
       }
-      if (fr.len < net::eth_min_frame || fr.len > net_max_frame) {
+      uint32_t max = (fr.flags & core::VETH_FRAME_GSO) ? net::gso_max_frame : net_max_frame;
+      if (fr.len < net::eth_min_frame || fr.len > max) {
         ++f->tx_errors;
         continue;
       }
-      auto slots = static_cast<uint32_t>((fr.len + page_size - 1) / page_size);
-      if (f->tx_free_count < slots || f->tx.free_requests() < slots) {
+      if (!send_frame_locked(*f, fr)) {
         f->tx_stopped = true;
         break;
-      }
-      for (uint32_t i = 0; i < slots; ++i) {
-        uint16_t id = f->tx_free;
-        f->tx_free = f->tx_next[id];
-        --f->tx_free_count;
-        f->tx_busy[id] = true;
-        uint32_t off = i * static_cast<uint32_t>(page_size);
-        uint32_t k = std::min<uint32_t>(static_cast<uint32_t>(page_size), fr.len - off);
-        std::memcpy(f->tx_page(id), fr.data + off, k);
-        netif_tx_request* r = f->tx.next_request();
-        std::memset(r, 0, sizeof *r);
-        r->gref = f->tx_pool->ref(id);
-        r->offset = 0;
-        r->id = id;
-        r->size = static_cast<uint16_t>(i == 0 ? fr.len : k);  // the first slot carries the frame's length
-        r->flags = static_cast<uint16_t>(i + 1 < slots ? NETTXF_more_data : 0);
-        f->tx.produce();
       }
     }
     notify = f->tx.push_requests();
   }
   if (notify) (void)f->evt->notify();
   return static_cast<int>(taken);
+}
+
+// A whole received frame from the stage into out, its netif flags made veth
+// metadata. False: dropped (counted).
+bool complete_rx_locked(netfront& f, veth_frame& buf) {
+  // Described in a copy: a refused frame leaves the buffer's capacity as it was.
+  veth_frame out = buf;
+  if (f.stage_bad) {
+    ++f.rx_errors;
+    return false;
+  }
+  if (out.len < f.stage_len) {
+    ++f.rx_dropped;
+    return false;
+  }
+  std::memcpy(out.data, f.stage.data(), f.stage_len);
+  out.len = f.stage_len;
+  out.flags = 0;
+  const bool blank = f.rx_first_flags & NETRXF_csum_blank;
+  if (f.rx_have_gso) {
+    // Only if we asked for large segments, of a kind we know.
+    uint8_t t = f.rx_gso.u.gso.type;
+    if (!f.gso || f.rx_gso.u.gso.size == 0 || (t != XEN_NETIF_GSO_TYPE_TCPV4 && t != XEN_NETIF_GSO_TYPE_TCPV6)) {
+      ++f.rx_errors;
+      return false;
+    }
+    out.flags |= core::VETH_FRAME_GSO;
+    out.gso_size = f.rx_gso.u.gso.size;
+    out.gso_type = t == XEN_NETIF_GSO_TYPE_TCPV4 ? 1 : 2;
+  }
+  if (blank || f.rx_have_gso) {
+    // A large segment without csum_blank gets its pseudo header here, as netback does.
+    if (netif_csum_setup(out.data, out.len, !blank, &out) != 0) {
+      ++f.rx_errors;
+      return false;
+    }
+    if (!f.csum && !f.rx_have_gso) {  // a partial checksum we said we do not take: filled here
+      (void)net::finish_csum(out.data, out.len, out.csum_start, out.csum_offset);
+      out.flags = core::VETH_FRAME_CSUM_VALID;
+    }
+  } else if (f.rx_first_flags & NETRXF_data_validated) {
+    out.flags |= core::VETH_FRAME_CSUM_VALID;
+  }
+  buf = out;
+  return true;
 }
 
 int xen_veth_rx_poll(void* handle, uint32_t, veth_frame* frames, uint32_t budget) {
@@ -377,41 +555,44 @@ int xen_veth_rx_poll(void* handle, uint32_t, veth_frame* frames, uint32_t budget
       netif_rx_response rsp;
       core::ring_take t = core::ring_take::empty;
       while (filled < budget && (t = f->rx.take_response(&rsp)) == core::ring_take::item) {
-        if (rsp.id >= net_ring_size || !f->rx_posted[rsp.id]) {
-          ++f->rx_errors;  // not a buffer we posted
-          continue;
-        }
-        uint16_t id = rsp.id;
-        f->rx_posted[id] = false;
-        bool more = rsp.flags & NETRXF_more_data;
-        if (!f->in_chain) {
+        auto id = static_cast<uint16_t>(f->rx_cons++ & (net_ring_size - 1));
+        // netif.h's grammar, as on tx: a first response, extra info while
+        // the one before asked for more, then data while NETRXF_more_data.
+        bool first = !f->in_chain;
+        bool extra = !first && f->rx_extra_next;
+        if (first) {
+          f->in_chain = true;
           f->stage_len = 0;
           f->stage_bad = false;
-          f->in_chain = true;
+          f->rx_first_flags = rsp.flags;
+          f->rx_extra_next = rsp.flags & NETRXF_extra_info;
+          f->rx_extras = 0;
+          f->rx_have_gso = false;
         }
-        if (rsp.status <= 0 || rsp.offset + static_cast<uint32_t>(rsp.status) > page_size ||
-            f->stage_len + static_cast<uint32_t>(rsp.status) > net_max_frame || (rsp.flags & NETRXF_csum_blank)) {
-          f->stage_bad = true;
+        if (extra) {
+          netif_extra_info e;
+          std::memcpy(&e, &rsp, sizeof e);
+          f->rx_extra_next = e.flags & XEN_NETIF_EXTRA_FLAG_MORE;
+          if (++f->rx_extras > net_max_extras || e.type != XEN_NETIF_EXTRA_TYPE_GSO || f->rx_have_gso) {
+            f->stage_bad = true;  // we asked for no other kind
+          } else {
+            f->rx_gso = e;
+            f->rx_have_gso = true;
+          }
         } else {
-          std::memcpy(f->stage.data() + f->stage_len, f->rx_page(id) + rsp.offset, static_cast<size_t>(rsp.status));
-          f->stage_len += static_cast<uint32_t>(rsp.status);
+          f->rx_more = rsp.flags & NETRXF_more_data;
+          if (rsp.id != id || rsp.status <= 0 || rsp.offset + static_cast<uint32_t>(rsp.status) > page_size ||
+              f->stage_len + static_cast<uint32_t>(rsp.status) > f->stage.size()) {
+            f->stage_bad = true;
+          } else {
+            std::memcpy(f->stage.data() + f->stage_len, f->rx_page(id) + rsp.offset, static_cast<size_t>(rsp.status));
+            f->stage_len += static_cast<uint32_t>(rsp.status);
+          }
         }
-        f->post_rx_locked(id);  // the page goes straight back to the back end
-        if (more) continue;
+        f->post_rx_locked();  // the slot's page goes straight back to the back end
+        if (f->rx_extra_next || f->rx_more) continue;
         f->in_chain = false;
-        if (f->stage_bad) {
-          ++f->rx_errors;
-          continue;
-        }
-        veth_frame& out = frames[filled];
-        if (out.len < f->stage_len) {
-          ++f->rx_dropped;
-          continue;
-        }
-        std::memcpy(out.data, f->stage.data(), f->stage_len);
-        out.len = f->stage_len;
-        out.flags = (rsp.flags & NETRXF_data_validated) ? uint32_t{core::VETH_FRAME_CSUM_VALID} : 0u;
-        ++filled;
+        if (complete_rx_locked(*f, frames[filled])) ++filled;
       }
       if (t == core::ring_take::broken && f->connected) {
         spdlog::warn("netfront: {}: rx response index is impossible; link down", f->bdir);
@@ -460,7 +641,8 @@ const core::veth_ops xen_veth_ops{
     .abi_version = core::VETH_ABI_VERSION,
     .struct_size = sizeof(core::veth_ops),
     .name = "xen",
-    .description = "Xen netif front end: xen://BACKEND-DOMID/HANDLE?hv=local&hub=SOCKET&domid=N (or hv=xen)",
+    .description = "Xen netif front end: xen://BACKEND-DOMID/HANDLE?hv=local&hub=SOCKET&domid=N (or hv=xen); "
+                   "csum=0 / gso=0 decline checksum offload / large segments",
     .open = xen_veth_open,
     .close = xen_veth_close,
     .caps = xen_veth_caps,

@@ -30,6 +30,7 @@ struct vif {
   int state = XenbusStateInitWait;
   std::shared_ptr<vif_shared> shared;  // of the connected port, if any
   uint64_t retired_drops = 0;          // of ports before it
+  vif_backend::offload_counts retired_offloads;
 };
 
 class vif_backend_impl final : public vif_backend {
@@ -92,9 +93,11 @@ class vif_backend_impl final : public vif_backend {
           {"feature-sg", "1"},
           {"feature-rx-copy", "1"},
           {"feature-rx-flip", "0"},
-          {"feature-gso-tcpv4", "0"},
-          {"feature-gso-tcpv6", "0"},
-          {"feature-ipv6-csum-offload", "0"},
+          // Frames from the front end may come with partial checksums and
+          // as large TCP segments (tx); IPv4 partial checksums need no key.
+          {"feature-gso-tcpv4", "1"},
+          {"feature-gso-tcpv6", "1"},
+          {"feature-ipv6-csum-offload", "1"},
           {"feature-multicast-control", "0"},
           {"mac-from-front", mac ? "0" : "1"},
           {"state", std::to_string(XenbusStateInitWait)},
@@ -160,6 +163,18 @@ class vif_backend_impl final : public vif_backend {
     return it->second.retired_drops + (it->second.shared ? it->second.shared->dropped.load() : 0);
   }
 
+  core::result<offload_counts> offloads_done(domid_t front, uint32_t handle) override {
+    std::lock_guard lk(mu_);
+    auto it = vifs_.find({front, handle});
+    if (it == vifs_.end()) return core::fail(ENOENT, "no such vif");
+    offload_counts c = it->second.retired_offloads;
+    if (auto& sh = it->second.shared) {
+      c.sw_csum += sh->sw_csum;
+      c.sw_gso += sh->sw_gso;
+    }
+    return c;
+  }
+
  private:
   void kick() {
     uint64_t one = 1;
@@ -203,6 +218,8 @@ class vif_backend_impl final : public vif_backend {
     if (v.shared) {
       v.shared->dead = true;  // the switch drops the port and unmaps
       v.retired_drops += v.shared->dropped;
+      v.retired_offloads.sw_csum += v.shared->sw_csum;
+      v.retired_offloads.sw_gso += v.shared->sw_gso;
     }
     v.shared.reset();
   }
@@ -258,6 +275,25 @@ class vif_backend_impl final : public vif_backend {
     (void)st_->write(no_txn, v.bdir + "/mac", m->to_string());
   }
 
+  // What the front end takes on its rx ring. A key that is absent or not a
+  // number counts as absent: netif.h's default (IPv4 checksum offload on,
+  // the rest off). Large segments need scatter-gather and partial checksums
+  // of their IP version, as Linux's netdev features do.
+  netif_features front_features(vif& v) {
+    auto flag = [&](const char* key, bool absent) {
+      auto x = read_uint(*st_, no_txn, v.fdir + "/" + key);
+      return x ? *x != 0 : absent;
+    };
+    netif_features f;
+    f.sg = flag("feature-sg", false);
+    f.csum4 = !flag("feature-no-csum-offload", false);
+    f.csum6 = flag("feature-ipv6-csum-offload", false);
+    f.gso4 = flag("feature-gso-tcpv4", false) && f.sg && f.csum4;
+    f.gso6 = flag("feature-gso-tcpv6", false) && f.sg && f.csum6;
+    f.rx_notify = flag("feature-rx-notify", false);
+    return f;
+  }
+
   void connect(vif& v) {
     store& s = *st_;
     auto tx = read_uint(s, no_txn, v.fdir + "/tx-ring-ref");
@@ -282,7 +318,8 @@ class vif_backend_impl final : public vif_backend {
     std::string name = "xen-vif" + std::to_string(v.front) + "." + std::to_string(v.handle);
     auto pers = read_uint(s, no_txn, v.fdir + "/feature-persistent");
     auto p = vif_port::connect(hv_, v.front, static_cast<grant_ref_t>(*tx), static_cast<grant_ref_t>(*rx),
-                               static_cast<evtchn_port_t>(*port), shared, name, pers && *pers == 1);
+                               static_cast<evtchn_port_t>(*port), shared, name, pers && *pers == 1,
+                               front_features(v));
     if (!p) return fatal(v, "connecting rings: " + p.err().what());
     v.shared = shared;
     (void)s.write(no_txn, v.bdir + "/mac", mac.to_string());

@@ -29,7 +29,7 @@ pids=""
 for i in 0 1; do
   ip netns add n$i
   ip -n n$i link set lo up
-  # --offload 0: the back end offers no checksum offload, so frames carry whole checksums
+  # --offload 0: plain frames with whole checksums (netfront_interop.sh runs with offloads)
   # sh -c 'exec': $(cat veth$i.pid) is uvd itself, not a shell between it and this one
   ip netns exec n$i sh -c "echo \$\$ > veth$i.pid; exec \"$UVD_BIN\" veth --switch 'xen://0/$i?hv=xen' \
     --host tap:uvd$i --offload 0" > veth$i.log 2>&1 &

@@ -158,5 +158,40 @@ TEST(XenDom0, PingThroughNetif) {
   EXPECT_NE(front.find("/rx-ring-ref"), std::string::npos) << front;
 }
 
+// Linux's own xen-netfront as the peer of our vif back end (tests/e2e/xen/netfront_interop.sh):
+// two Linux netfront interfaces, each in a namespace, joined by `uvd xen-back --hv xen`
+// (the netback switch) over real grant rings, with checksum offload and GSO.
+TEST(XenInterop, LinuxNetfrontAsPeer) {
+  std::string uvd = UVD_TOOL_BIN;
+  auto r = run_dom0("netfront-interop", {uvd}, source_dir() + "/tests/e2e/xen/netfront_interop.sh",
+                    {"UVD_BIN=" + uvd}, 300);
+  ASSERT_EQ(r.cmd.status, 0) << r.cmd.output;
+  EXPECT_EQ(slurp(r.out + "/netfront.result"), "pass\n") << r.cmd.output;
+  std::string ping = slurp(r.out + "/ping.txt");
+  EXPECT_TRUE(std::regex_search(ping, std::regex(", 5 (packets )?received, 0% packet loss"))) << ping;
+  std::string large = slurp(r.out + "/ping-large.txt");
+  for (int seq = 0; seq < 3; ++seq)
+    EXPECT_NE(large.find("1408 bytes from 10.77.0.1: seq=" + std::to_string(seq) + " "), std::string::npos) << large;
+  // Linux netfront asked for the offloads our back end offered.
+  std::string front = slurp(r.out + "/frontend.txt");
+  for (const char* k : {"/feature-sg = \"1\"", "/feature-gso-tcpv4 = \"1\"", "/feature-rx-notify = \"1\"",
+                        "/request-rx-copy = \"1\""})
+    EXPECT_NE(front.find(k), std::string::npos) << k << "\n" << front;
+  std::string back = slurp(r.out + "/backend.txt");
+  EXPECT_NE(back.find("/0/state = \"4\""), std::string::npos) << back;
+  EXPECT_NE(back.find("/1/state = \"4\""), std::string::npos) << back;
+  // The switch refused nothing Linux sent (xen-back prints its counters on SIGTERM).
+  std::string log = slurp(r.out + "/xen-back.log");
+  EXPECT_NE(log.find("xen-vif0.1"), std::string::npos) << log;
+  EXPECT_FALSE(std::regex_search(log, std::regex("rx_bad_(offload|msg)=[1-9]"))) << log;
+  // Linux's TCP went through as large segments: frames from vif 0/0 average over a 1514-byte frame.
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, std::regex("name=xen-vif0.0 [^\n]* rx_frames=([0-9]+) rx_bytes=([0-9]+)")))
+      << log;
+  uint64_t frames = std::stoull(m[1]), bytes = std::stoull(m[2]);
+  EXPECT_GT(bytes, 4u << 20);
+  EXPECT_GT(bytes, frames * 1514) << "no GSO frame crossed the switch";
+}
+
 }  // namespace
 }  // namespace uvd::test

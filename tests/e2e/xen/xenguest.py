@@ -12,7 +12,7 @@ Built on the guest harness (tests/e2e/guest): the same package cache, initramfs 
   * a prologue in dom0: xenfs on /proc/xen, xenstored, xen-init-dom0, and a higher
     gntalloc page limit (a blkif front end grants a whole pool of data pages).
 Kernel modules loaded at boot: xen-evtchn, xen-privcmd, xen-gntdev, xen-gntalloc, xenfs,
-loop. The kernel's own block drivers xen-blkback and xen-blkfront are in the image but not
+loop. The kernel's own xen-blkback, xen-blkfront and xen-netfront are in the image but not
 loaded (they would claim the xenstore directories of our own ends): a script loads them with
 `insmod $XEN_MODULES/xen-blkback.ko` when it wants Linux as the peer.
 
@@ -44,6 +44,8 @@ BOOT_MODULES = ["xen_evtchn", "xen_privcmd", "xen_gntdev", "xen_gntalloc", "xenf
 # In the image, loaded by scripts that want Linux's own block drivers as the peer.
 PEER_MODULES = {"xen_blkback": "drivers/block/xen-blkback/xen-blkback.ko",
                 "xen_blkfront": "drivers/block/xen-blkfront.ko",
+                # Linux's netif front end as the peer of our vif back end (netfront_interop.sh)
+                "xen_netfront": "drivers/net/xen-netfront.ko",
                 # TAP interfaces for the netif ping (tests/e2e/xen/netif_ping.sh)
                 "tun": "drivers/net/tun.ko"}
 MODULE_DIR = "/lib/xen-peer-modules"

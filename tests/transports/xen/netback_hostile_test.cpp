@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The netif back end against a front end that writes raw tx requests: every
-// malformed one is answered NETIF_RSP_ERROR and nothing reaches the switch;
-// an impossible ring index drops only that interface.
+// malformed one is answered NETIF_RSP_ERROR (its extra-info slots
+// NETIF_RSP_NULL), counted, and nothing reaches the switch; an impossible
+// ring index drops only that interface.
 #include <poll.h>
 
 #include <gtest/gtest.h>
@@ -123,6 +124,32 @@ class NetbackHostile : public ::testing::Test {
     return out;
   }
 
+  // An extra-info slot as it sits on the tx ring; id fills the padding so the
+  // NETIF_RSP_NULL answer can be matched.
+  netif_tx_request extra(uint8_t type, uint16_t gso_size, uint8_t gso_type, bool more, uint16_t id) {
+    netif_extra_info e{};
+    e.type = type;
+    e.flags = more ? XEN_NETIF_EXTRA_FLAG_MORE : 0;
+    e.u.gso.size = gso_size;
+    e.u.gso.type = gso_type;
+    netif_tx_request r{};
+    std::memcpy(&r, &e, sizeof e);
+    r.id = id;
+    return r;
+  }
+  netif_extra_info gso_info(const netif_tx_request& r) {
+    netif_extra_info e;
+    std::memcpy(&e, &r, sizeof e);
+    return e;
+  }
+
+  // A TCP/IPv4 frame from raw_mac to the peer in page i (its checksum partial).
+  std::vector<uint8_t> write_tcp(size_t page, uint32_t payload, uint32_t seq) {
+    auto f = test::make_tcp4_frame(peer_->mac(), raw_mac, payload, seq, nullptr);
+    std::memcpy(static_cast<uint8_t*>(pages_->addr()) + page * page_size, f.data(), std::min<size_t>(f.size(), page_size));
+    return f;
+  }
+
   netif_tx_request req(uint16_t id, grant_ref_t g, uint16_t size, uint16_t offset = 0, uint16_t flags = 0) {
     netif_tx_request r{};
     r.gref = g;
@@ -167,10 +194,36 @@ TEST_F(NetbackHostile, MalformedTxRequestsAreAnsweredWithErrorsAndGoNowhere) {
       {"grant never given", {req(2, 777777, 200)}},
       {"zero-size later slot", {req(3, g0, 200, 0, NETTXF_more_data), req(4, g1, 0)}},
       {"sizes that do not add up", {req(5, g0, 100, 0, NETTXF_more_data), req(6, g1, 200)}},
-      {"extra info never negotiated", {req(7, g0, 200, 0, NETTXF_extra_info)}},
-      {"partial checksum never offered", {req(8, g0, 200, 0, NETTXF_csum_blank)}},
+      {"partial checksum on a frame that is neither TCP nor UDP", {req(8, g0, 200, 0, NETTXF_csum_blank)}},
       {"frame larger than any MTU", {req(9, g0, 60000, 0, NETTXF_more_data), req(10, g1, 4096)}},
   };
+  // Offload metadata that does not fit (page 4 holds a TCP/IPv4 frame, 1000 bytes of payload).
+  write_tcp(4, 1000, 1);
+  const grant_ref_t gt = pages_->ref(4);
+  const uint16_t tl = 1054;
+  const uint16_t x = NETTXF_extra_info | NETTXF_csum_blank;
+  std::vector<bad_case> offload_cases = {
+      {"extra info of type none", {req(60, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_NONE, 100, 1, false, 61)}},
+      {"extra info of an unknown type", {req(62, gt, tl, 0, x), extra(9, 100, 1, false, 63)}},
+      {"multicast control never offered", {req(64, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_MCAST_ADD, 0, 0, false, 65)}},
+      {"hash never offered", {req(66, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_HASH, 0, 0, false, 67)}},
+      {"GSO size 0", {req(68, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 0, XEN_NETIF_GSO_TYPE_TCPV4, false, 69)}},
+      {"GSO type unknown", {req(70, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 500, 7, false, 71)}},
+      {"GSO TCPv6 on an IPv4 frame", {req(72, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 500, 2, false, 73)}},
+      {"GSO segments larger than the MTU", {req(74, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 9500, 1, false, 75)}},
+      {"GSO into more than 128 segments", {req(76, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 4, 1, false, 77)}},
+      {"GSO on a frame that is not TCP",
+       {req(78, g0, 200, 0, NETTXF_extra_info), extra(XEN_NETIF_EXTRA_TYPE_GSO, 100, 1, false, 79)}},
+      {"GSO twice",
+       {req(80, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 500, 1, true, 81),
+        extra(XEN_NETIF_EXTRA_TYPE_GSO, 500, 1, false, 82)}},
+      {"five extra-info slots",
+       {req(83, gt, tl, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 500, 1, true, 84), extra(2, 0, 0, true, 85),
+        extra(3, 0, 0, true, 86), extra(4, 0, 0, true, 87), extra(4, 0, 0, false, 88)}},
+      {"checksum field past the frame", {req(89, gt, 14 + 20 + 10, 0, NETTXF_csum_blank)}},
+      {"TCP header cut short under GSO", {req(90, gt, 14 + 20 + 18, 0, x), extra(XEN_NETIF_EXTRA_TYPE_GSO, 500, 1, false, 91)}},
+  };
+  cases.insert(cases.end(), offload_cases.begin(), offload_cases.end());
   std::vector<netif_tx_request> long_chain;
   for (uint16_t i = 0; i < 19; ++i)
     long_chain.push_back(req(static_cast<uint16_t>(20 + i), pages_->ref(i), i == 0 ? 19 * 100 : 100, 0,
@@ -180,9 +233,14 @@ TEST_F(NetbackHostile, MalformedTxRequestsAreAnsweredWithErrorsAndGoNowhere) {
     send(c.reqs);
     auto rsp = responses(c.reqs.size());
     ASSERT_EQ(rsp.size(), c.reqs.size()) << c.what;
+    // Slots after a first one with NETTXF_extra_info are extra info while the one before said MORE.
+    bool extra_next = false;
     for (size_t i = 0; i < rsp.size(); ++i) {
+      bool is_extra = i > 0 && extra_next;
+      extra_next = i == 0 ? (c.reqs[0].flags & NETTXF_extra_info) != 0
+                          : is_extra && (gso_info(c.reqs[i]).flags & XEN_NETIF_EXTRA_FLAG_MORE);
       EXPECT_EQ(rsp[i].id, c.reqs[i].id) << c.what;
-      EXPECT_EQ(rsp[i].status, NETIF_RSP_ERROR) << c.what << " slot " << i;
+      EXPECT_EQ(rsp[i].status, is_extra ? NETIF_RSP_NULL : NETIF_RSP_ERROR) << c.what << " slot " << i;
     }
   }
   // None of it reached the peer; a well-formed frame (two slots) does.
@@ -198,6 +256,31 @@ TEST_F(NetbackHostile, MalformedTxRequestsAreAnsweredWithErrorsAndGoNowhere) {
   auto got = test::receive_frames(*peer_, 1, std::chrono::seconds(5), nullptr);
   ASSERT_EQ(got.size(), 1u) << "only the valid frame crosses";
   EXPECT_EQ(got[0].bytes, frame);
+
+  // And a well-formed large segment over two pages with its GSO slot: OKAY, NULL, OKAY.
+  auto big = test::make_tcp4_frame(peer_->mac(), raw_mac, 6000, 9, nullptr);
+  std::memcpy(static_cast<uint8_t*>(pages_->addr()) + 5 * page_size, big.data(), page_size);
+  std::memcpy(static_cast<uint8_t*>(pages_->addr()) + 6 * page_size, big.data() + page_size, big.size() - page_size);
+  send({req(92, pages_->ref(5), static_cast<uint16_t>(big.size()), 0, x | NETTXF_more_data),
+        extra(XEN_NETIF_EXTRA_TYPE_GSO, 1448, XEN_NETIF_GSO_TYPE_TCPV4, false, 93),
+        req(94, pages_->ref(6), static_cast<uint16_t>(big.size() - page_size))});
+  auto okg = responses(3);
+  ASSERT_EQ(okg.size(), 3u);
+  EXPECT_EQ(okg[0].status, NETIF_RSP_OKAY);
+  EXPECT_EQ(okg[1].status, NETIF_RSP_NULL);
+  EXPECT_EQ(okg[2].status, NETIF_RSP_OKAY);
+  auto gsoed = test::receive_frames(*peer_, 1, std::chrono::seconds(5), nullptr);
+  ASSERT_EQ(gsoed.size(), 1u);
+  EXPECT_EQ(gsoed[0].bytes, big);
+  EXPECT_TRUE(gsoed[0].flags & core::VETH_FRAME_GSO);
+  EXPECT_EQ(gsoed[0].gso_size, 1448);
+
+  // Every refusal was counted by the switch (one per frame).
+  nb_->stop();
+  loop_.join();
+  auto t = nb_->totals();
+  EXPECT_EQ(t.rx_bad_offload, 15u) << nb_->stats_text();
+  EXPECT_EQ(t.rx_bad_msg + t.rx_truncated, 6u) << nb_->stats_text();
 }
 
 TEST_F(NetbackHostile, ImpossibleRingIndexDropsOnlyThatInterface) {
