@@ -2,10 +2,19 @@
 // The rdma client: vstore_ops over one RC connection to a uvd storage server.
 // Control path: rdma_cm resolve/connect, OPEN. Data path: submit() posts
 // RDMA WRITE + SEND (writes) or SEND (reads); one completion thread reaps the
-// CQ (sleeping on the completion channel, or spinning busy_poll_us first),
+// CQ (sleeping on the completion channel, or polling busy_poll_us first),
 // RDMA READs read data once the server replied, and completes requests.
+//
+// What a request costs is mostly system calls and wake-ups (Soft-RoCE does
+// the transport in the kernel, and every post_send is a system call), so:
+// RPC SENDs go inline and unsignaled (the reply proves the server has the
+// RPC; one CQE instead of two), of the RDMA READs of one reply only the last
+// is signaled (send completions come in order), the READs that one pass over
+// the CQ asks for go to the device in one post, and while busy-polling the
+// thread yields the CPU between polls so that the peer it waits for can run.
 #include <netdb.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -51,6 +60,8 @@ struct rpc_slot {
   uint16_t nseg = 0;
   uint16_t segs[max_segs_per_rpc] = {};
   uint32_t last_len = 0;  // bytes used in the last segment
+  uint64_t send_mark = 0;  // client::sq_posted after this slot's signaled SEND / last READ
+  uint64_t read_mark = 0;
   // control RPC result
   bool ctl = false;
   bool ctl_done = false;
@@ -77,11 +88,24 @@ struct client {
   uint32_t qd = 0;     // RPCs in flight: what the server granted (<= nbufs)
   open_reply geo{};
   uint32_t max_transfer = 0;
+  uint32_t max_inline = 0;  // bytes an RPC SEND may carry inline (the QP's limit)
+  // Send queue accounting under selective signaling: an unsignaled work
+  // request is known done once a later signaled one completes. Past half the
+  // queue every post is signaled, so the queue never overflows.
+  uint32_t sq_cap = 0;
+  uint64_t sq_posted = 0, sq_freed = 0;
+  // RDMA READs asked for during one pass over the CQ, posted as one chain.
+  std::vector<ibv_send_wr> read_wrs;
+  std::vector<ibv_sge> read_sges;
+  std::vector<std::pair<vstore_req*, int>> reaped;  // completions of one reap() (reaper thread only)
 
   std::mutex mu;
   std::vector<rpc_slot> slots;
   std::vector<uint32_t> free_slots;
-  std::vector<uint16_t> free_segs;
+  // Staging segment i pairs with server segment i. Transfers take runs of
+  // adjacent segments where they can, so that one RDMA op moves a whole run.
+  std::vector<uint8_t> seg_busy;
+  uint32_t segs_free = 0;
   std::condition_variable ctl_cv;
   std::atomic<int> dead{0};  // 0, or the -errno every request now gets
   int wake_fd = -1;
@@ -101,6 +125,13 @@ struct client {
   void run();
   int reap(int budget);
   void on_wc(const ibv_wc& wc, std::vector<std::pair<vstore_req*, int>>& done);
+  void take_segs_locked(rpc_slot& sl);
+  void put_segs_locked(const rpc_slot& sl);
+  // Segment runs of slot s as RDMA ops: {first segment, bytes}; returns the count.
+  uint32_t runs_of(const rpc_slot& sl, std::pair<uint16_t, uint32_t>* out) const;
+  void queue_reads_locked(uint32_t s);
+  void flush_reads_locked(std::vector<std::pair<vstore_req*, int>>& done);
+  uint32_t sq_used() const { return static_cast<uint32_t>(sq_posted - sq_freed); }
   void finish_slot_locked(uint32_t s, std::vector<std::pair<vstore_req*, int>>& done);
   void fail_all(int err, std::vector<std::pair<vstore_req*, int>>& done);
   int fence(uint32_t epoch);
@@ -175,15 +206,22 @@ core::result<void> client::connect() {
 
   ibv_device_attr dev{};
   if (ibv_query_device(id->verbs, &dev) != 0) return core::fail(errno, "ibv_query_device");
-  qd = std::clamp<uint32_t>(want_qd, 1, max_queue_depth);
+  // Send queue: per RPC one SEND plus one RDMA WRITE or READ per segment,
+  // twice over (selective signaling leaves up to half the queue to unsignaled
+  // work requests not yet known done).
+  constexpr uint32_t per_rpc = max_segs_per_rpc + 1;
+  const uint32_t qd_fits = std::max<uint32_t>(1, static_cast<uint32_t>(dev.max_qp_wr) / (2 * per_rpc));
+  qd = std::clamp<uint32_t>(want_qd, 1, std::min<uint32_t>(max_queue_depth, qd_fits));
   nbufs = qd;
-  // Send queue: per RPC one SEND plus one RDMA WRITE or READ per segment.
-  uint32_t send_wr = std::min<uint32_t>(qd * (max_segs_per_rpc + 1) + 1, static_cast<uint32_t>(dev.max_qp_wr));
+  uint32_t send_wr = 2 * qd * per_rpc;
   uint32_t cqe = std::min<uint32_t>(send_wr + qd + 1, static_cast<uint32_t>(dev.max_cqe));
   ibv_cq* q = ibv_create_cq(id->verbs, static_cast<int>(cqe), this, cc.get(), 0);
   if (!q) return core::fail(errno ? errno : ENOMEM, "ibv_create_cq of " + std::to_string(cqe) + " entries");
   cq.reset(q);
-  if (auto r = create_rc_qp(id.get(), pd.get(), cq.get(), send_wr, qd, 1); !r) return r;
+  if (auto r = create_rc_qp(id.get(), pd.get(), cq.get(), send_wr, qd, 1, 256, &max_inline); !r) return r;
+  sq_cap = send_wr;
+  read_wrs.reserve(size_t{qd} * max_segs_per_rpc);
+  read_sges.reserve(size_t{qd} * max_segs_per_rpc);
 
   auto m = registered_buffer::make(pd.get(), size_t{qd} * 2 * msg_size, IBV_ACCESS_LOCAL_WRITE, "RPC buffers");
   if (!m) return core::fail(std::move(m).err());
@@ -278,8 +316,50 @@ core::result<void> client::open_export() {
   max_transfer = geo.segment_size * std::min(geo.max_segs, geo.nsegs);
   slots.assign(qd, {});
   for (uint32_t i = qd; i-- > 0;) free_slots.push_back(i);
-  for (uint32_t i = geo.nsegs; i-- > 0;) free_segs.push_back(static_cast<uint16_t>(i));
+  seg_busy.assign(geo.nsegs, 0);
+  segs_free = geo.nsegs;
   return core::ok();
+}
+
+// Gives sl.nseg segments to sl: the first run of that many free adjacent
+// ones, else the lowest free ones. segs_free >= sl.nseg. mu held.
+void client::take_segs_locked(rpc_slot& sl) {
+  const uint32_t want = sl.nseg;
+  if (want == 0) return;
+  uint32_t run = 0;
+  for (uint32_t i = 0; i < geo.nsegs; ++i) {
+    run = seg_busy[i] ? 0 : run + 1;
+    if (run == want) {
+      for (uint32_t k = 0; k < want; ++k) sl.segs[k] = static_cast<uint16_t>(i + 1 - want + k);
+      break;
+    }
+  }
+  if (run != want)
+    for (uint32_t i = 0, k = 0; k < want; ++i)
+      if (!seg_busy[i]) sl.segs[k++] = static_cast<uint16_t>(i);
+  for (uint32_t k = 0; k < want; ++k) seg_busy[sl.segs[k]] = 1;
+  segs_free -= want;
+}
+
+void client::put_segs_locked(const rpc_slot& sl) {
+  for (uint16_t i = 0; i < sl.nseg; ++i) seg_busy[sl.segs[i]] = 0;
+  segs_free += sl.nseg;
+}
+
+// Adjacent segments whose server addresses are adjacent too (one MR) move as
+// one RDMA op: fewer work requests, and one READ request instead of several.
+uint32_t client::runs_of(const rpc_slot& sl, std::pair<uint16_t, uint32_t>* out) const {
+  uint32_t n = 0;
+  for (uint16_t i = 0; i < sl.nseg; ++i) {
+    const uint32_t len = i + 1 == sl.nseg ? sl.last_len : geo.segment_size;
+    if (n && sl.segs[i] == sl.segs[i - 1] + 1 && geo.pool[sl.segs[i]].rkey == geo.pool[sl.segs[i - 1]].rkey &&
+        geo.pool[sl.segs[i]].addr == geo.pool[sl.segs[i - 1]].addr + geo.segment_size) {
+      out[n - 1].second += len;
+    } else {
+      out[n++] = {sl.segs[i], len};
+    }
+  }
+  return n;
 }
 
 // Builds and posts the RPC of slot s (segments already allocated). mu held.
@@ -313,27 +393,38 @@ int client::post_rpc_locked(uint32_t s, vstore_req* r) {
   if (r->opcode == core::VSTORE_OP_WRITE) {
     // Data first, into the server's segments; the SEND behind it on the same
     // RC queue pair is delivered only after the data was placed.
-    for (uint16_t i = 0; i < sl.nseg; ++i, ++n) {
-      sges[n] = {reinterpret_cast<uintptr_t>(seg_buf(sl.segs[i])), rpc.segs[i].length, staging.lkey()};
+    std::pair<uint16_t, uint32_t> runs[max_segs_per_rpc];
+    const uint32_t nruns = runs_of(sl, runs);
+    for (uint32_t i = 0; i < nruns; ++i, ++n) {
+      sges[n] = {reinterpret_cast<uintptr_t>(seg_buf(runs[i].first)), runs[i].second, staging.lkey()};
       wrs[n].wr_id = wr_id(WR_WRITE, s);
       wrs[n].sg_list = &sges[n];
       wrs[n].num_sge = 1;
       wrs[n].opcode = IBV_WR_RDMA_WRITE;
-      wrs[n].wr.rdma.remote_addr = geo.pool[sl.segs[i]].addr;
-      wrs[n].wr.rdma.rkey = geo.pool[sl.segs[i]].rkey;
+      wrs[n].wr.rdma.remote_addr = geo.pool[runs[i].first].addr;
+      wrs[n].wr.rdma.rkey = geo.pool[runs[i].first].rkey;
     }
   }
+  if (sq_used() + n + 1 > sq_cap) return -EAGAIN;  // wait for completions to free the queue
+  // An inline SEND leaves nothing of ours for the device to read later, so
+  // it needs no completion; past half the queue one is asked for anyway.
+  const bool inl = len <= max_inline;
+  const bool signaled = !inl || sq_used() + n + 1 > sq_cap / 2;
   sges[n] = {reinterpret_cast<uintptr_t>(send_buf(s)), static_cast<uint32_t>(len), msgs.lkey()};
   wrs[n].wr_id = wr_id(WR_SEND, s);
   wrs[n].sg_list = &sges[n];
   wrs[n].num_sge = 1;
   wrs[n].opcode = IBV_WR_SEND;
-  wrs[n].send_flags = IBV_SEND_SIGNALED;
+  wrs[n].send_flags = (inl ? IBV_SEND_INLINE : 0) | (signaled ? IBV_SEND_SIGNALED : 0);
   ++n;
   for (uint32_t i = 0; i + 1 < n; ++i) wrs[i].next = &wrs[i + 1];
   ibv_send_wr* bad = nullptr;
   int rc = ibv_post_send(id->qp, wrs, &bad);
-  return rc ? -rc : 0;
+  if (rc) return -rc;
+  sq_posted += n;
+  sl.send_done = !signaled;
+  sl.send_mark = sq_posted;
+  return 0;
 }
 
 int client::submit(vstore_req* const* reqs, uint32_t n) {
@@ -345,7 +436,7 @@ int client::submit(vstore_req* const* reqs, uint32_t n) {
     bool data = r->opcode == core::VSTORE_OP_READ || r->opcode == core::VSTORE_OP_WRITE;
     uint32_t need = data ? static_cast<uint32_t>((r->length + geo.segment_size - 1) / geo.segment_size) : 0;
     if (data && (r->length == 0 || r->length > max_transfer)) return taken ? static_cast<int>(taken) : -EINVAL;
-    if (free_slots.empty() || free_segs.size() < need) break;
+    if (free_slots.empty() || segs_free < need) break;
     uint32_t s = free_slots.back();
     free_slots.pop_back();
     rpc_slot& sl = slots[s];
@@ -356,10 +447,7 @@ int client::submit(vstore_req* const* reqs, uint32_t n) {
     sl.status = 0;
     sl.reads_left = 0;
     sl.nseg = static_cast<uint16_t>(need);
-    for (uint32_t i = 0; i < need; ++i) {
-      sl.segs[i] = free_segs.back();
-      free_segs.pop_back();
-    }
+    take_segs_locked(sl);
     sl.last_len = need ? static_cast<uint32_t>(r->length - uint64_t{need - 1} * geo.segment_size) : 0;
     if (r->opcode == core::VSTORE_OP_WRITE) {
       // Gather the caller's iovec into the staging segments.
@@ -381,10 +469,12 @@ int client::submit(vstore_req* const* reqs, uint32_t n) {
       }
     }
     if (int rc = post_rpc_locked(s, r); rc < 0) {
-      for (uint16_t i = 0; i < sl.nseg; ++i) free_segs.push_back(sl.segs[i]);
+      put_segs_locked(sl);
+      uint32_t gen = sl.gen;
       sl = {};
-      sl.gen = static_cast<uint32_t>(rc);  // keep gens moving; value irrelevant
+      sl.gen = gen;
       free_slots.push_back(s);
+      if (rc == -EAGAIN) break;  // the send queue is full of work in flight: resubmitted on its completion
       spdlog::warn("rdma {}: ibv_post_send failed: {}", target, std::strerror(-rc));
       return taken ? static_cast<int>(taken) : -ENOTCONN;
     }
@@ -401,7 +491,7 @@ void client::finish_slot_locked(uint32_t s, std::vector<std::pair<vstore_req*, i
     return;  // the waiter frees it
   }
   if (sl.req) done.emplace_back(sl.req, sl.status);
-  for (uint16_t i = 0; i < sl.nseg; ++i) free_segs.push_back(sl.segs[i]);
+  put_segs_locked(sl);
   uint32_t gen = sl.gen;
   sl = {};
   sl.gen = gen;
@@ -451,27 +541,7 @@ void client::on_wc(const ibv_wc& wc, std::vector<std::pair<vstore_req*, int>>& d
     sl.status = rep->status;
     sl.reply_epoch = rep->epoch;
     if (sl.req && sl.req->opcode == core::VSTORE_OP_READ && rep->status == 0) {
-      // The data waits in the server's segments: fetch it.
-      ibv_sge sges[max_segs_per_rpc];
-      ibv_send_wr wrs[max_segs_per_rpc] = {};
-      for (uint16_t i = 0; i < sl.nseg; ++i) {
-        uint32_t len = i + 1 == sl.nseg ? sl.last_len : geo.segment_size;
-        sges[i] = {reinterpret_cast<uintptr_t>(seg_buf(sl.segs[i])), len, staging.lkey()};
-        wrs[i].wr_id = wr_id(WR_READ, rs);
-        wrs[i].sg_list = &sges[i];
-        wrs[i].num_sge = 1;
-        wrs[i].opcode = IBV_WR_RDMA_READ;
-        wrs[i].send_flags = IBV_SEND_SIGNALED;
-        wrs[i].wr.rdma.remote_addr = geo.pool[sl.segs[i]].addr;
-        wrs[i].wr.rdma.rkey = geo.pool[sl.segs[i]].rkey;
-        if (i) wrs[i - 1].next = &wrs[i];
-      }
-      sl.reads_left = sl.nseg;
-      ibv_send_wr* bad = nullptr;
-      if (int rc = ibv_post_send(id->qp, wrs, &bad); rc != 0) {
-        spdlog::warn("rdma {}: posting RDMA READ failed: {}", target, std::strerror(rc));
-        fail_all(-ECONNRESET, done);
-      }
+      queue_reads_locked(rs);  // the data waits in the server's segments: fetch it
       return;
     }
     if (sl.send_done) finish_slot_locked(rs, done);
@@ -480,9 +550,11 @@ void client::on_wc(const ibv_wc& wc, std::vector<std::pair<vstore_req*, int>>& d
   if (s >= slots.size() || !slots[s].busy) return;
   rpc_slot& sl = slots[s];
   if (kind == WR_SEND) {
+    sq_freed = std::max(sq_freed, sl.send_mark);
     sl.send_done = true;
     if (sl.reply_done && sl.reads_left == 0) finish_slot_locked(s, done);
   } else if (kind == WR_READ) {
+    sq_freed = std::max(sq_freed, sl.read_mark);
     if (sl.reads_left && --sl.reads_left == 0) {
       // Scatter the staging segments into the caller's iovec.
       vstore_req* r = sl.req;
@@ -507,15 +579,61 @@ void client::on_wc(const ibv_wc& wc, std::vector<std::pair<vstore_req*, int>>& d
   }
 }
 
+// Chains the RDMA READs of slot s's segments (only the last one signaled:
+// the send queue completes in order) for flush_reads_locked. mu held.
+void client::queue_reads_locked(uint32_t s) {
+  rpc_slot& sl = slots[s];
+  std::pair<uint16_t, uint32_t> runs[max_segs_per_rpc];
+  const uint32_t nruns = runs_of(sl, runs);
+  for (uint32_t i = 0; i < nruns; ++i) {
+    read_sges.push_back({reinterpret_cast<uintptr_t>(seg_buf(runs[i].first)), runs[i].second, staging.lkey()});
+    ibv_send_wr w{};
+    w.wr_id = wr_id(WR_READ, s);
+    w.num_sge = 1;
+    w.opcode = IBV_WR_RDMA_READ;
+    w.send_flags = i + 1 == nruns ? IBV_SEND_SIGNALED : 0;
+    w.wr.rdma.remote_addr = geo.pool[runs[i].first].addr;
+    w.wr.rdma.rkey = geo.pool[runs[i].first].rkey;
+    read_wrs.push_back(w);
+  }
+  sq_posted += nruns;  // posted by the flush that follows, or the connection fails
+  sl.read_mark = sq_posted;
+  sl.reads_left = 1;
+}
+
+// Posts the READs queued during this pass as one chain (one system call). mu held.
+void client::flush_reads_locked(std::vector<std::pair<vstore_req*, int>>& done) {
+  if (read_wrs.empty()) return;
+  if (dead.load()) {  // the slots were failed meanwhile
+    read_wrs.clear();
+    read_sges.clear();
+    return;
+  }
+  for (size_t i = 0; i < read_wrs.size(); ++i) {
+    read_wrs[i].sg_list = &read_sges[i];
+    read_wrs[i].next = i + 1 < read_wrs.size() ? &read_wrs[i + 1] : nullptr;
+  }
+  ibv_send_wr* bad = nullptr;
+  int rc = ibv_post_send(id->qp, read_wrs.data(), &bad);
+  read_wrs.clear();
+  read_sges.clear();
+  if (rc != 0) {
+    spdlog::warn("rdma {}: posting RDMA READ failed: {}", target, std::strerror(rc));
+    fail_all(-ECONNRESET, done);
+  }
+}
+
 int client::reap(int budget) {
   ibv_wc wc[32];
   int total = 0;
-  std::vector<std::pair<vstore_req*, int>> done;
+  std::vector<std::pair<vstore_req*, int>>& done = reaped;
+  done.clear();
   while (total < budget) {
     int n = ibv_poll_cq(cq.get(), std::min(32, budget - total), wc);
     if (n <= 0) break;
     std::lock_guard lk(mu);
     for (int i = 0; i < n; ++i) on_wc(wc[i], done);
+    flush_reads_locked(done);
     total += n;
   }
   for (auto& [r, st] : done) host_cb->complete(host_cb->owner, r, st);
@@ -531,7 +649,12 @@ void client::run() {
       last_work = clock::now();
       continue;
     }
-    if (busy_poll_us && clock::now() - last_work < std::chrono::microseconds(busy_poll_us)) continue;
+    if (busy_poll_us && clock::now() - last_work < std::chrono::microseconds(busy_poll_us)) {
+      // Poll without holding the CPU: on a machine with few of them the
+      // thread that answers (the caller, the kernel's rxe tasks) needs it.
+      sched_yield();
+      continue;
+    }
     if (ibv_req_notify_cq(cq.get(), 0) != 0) {
       std::vector<std::pair<vstore_req*, int>> done;
       {
@@ -598,6 +721,7 @@ int client::fence(uint32_t epoch) {
       free_slots.push_back(s);
       return -ENOTCONN;
     }
+    sl.send_mark = ++sq_posted;
     // Both halves (send completion and reply) must arrive before the slot is reused.
     ctl_cv.wait_for(lk, std::chrono::milliseconds(timeout_ms * 4), [&] {
       return (sl.reply_done && sl.send_done) || sl.ctl_done || dead.load();

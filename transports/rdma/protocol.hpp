@@ -22,9 +22,13 @@
 // conn_accept (version chosen, queue depth granted) or rejects with a
 // conn_accept whose status is a positive errno.
 //
-// Flow control: the server posts exactly `queue_depth` receives per client and
-// reposts one only after the reply that used its slot was sent, so a client
-// with more RPCs outstanding than granted only stalls itself (RNR retry).
+// Flow control: a client keeps at most `queue_depth` RPCs outstanding. The
+// server posts twice that many receives and reposts a slot's receive once the
+// RPC it carried is answered (a reply small enough to go inline: as soon as
+// the reply is posted; a larger one, or any while the server's send queue is
+// half full of unacknowledged replies: once the reply's send completed), so a
+// client with more RPCs outstanding than granted only stalls itself (RNR
+// retry). Nothing here is on the wire: any version-1 peer interoperates.
 //
 // Messages: a msg_hdr, then an opcode-specific body. All integers are little
 // endian. Status values are 0 or a negative Linux errno. Every I/O RPC and

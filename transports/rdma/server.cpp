@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -31,117 +32,12 @@
 #include "transports/rdma/protocol.hpp"
 #include "transports/rdma/rdma.hpp"
 #include "transports/rdma/server_check.hpp"
+#include "transports/rdma/server_impl.hpp"
 #include "transports/rdma/verbs.hpp"
 
 namespace uvd::rdma {
 
-namespace {
-
-enum : uint64_t { WR_RECV = 1, WR_SEND = 2 };
-constexpr uint64_t wr_id(uint64_t kind, uint64_t slot) { return kind << 56 | slot; }
-
-struct export_entry {
-  server_export ex;
-  export_geometry geom;
-  epoch_record epochs;
-};
-
-struct conn;
-
-// One receive slot's I/O in flight at the export.
-struct io_ctx {
-  storage::vstore_io io;
-  iovec iov[max_segs_per_rpc];
-  conn* c = nullptr;
-  uint32_t slot = 0;
-  uint64_t id = 0;
-  uint32_t epoch = 0;
-};
-
-struct conn {
-  server::impl* srv = nullptr;
-  uint64_t serial = 0;
-  cm_id_ptr id;
-  pd_ptr pd;
-  comp_channel_ptr cc;
-  cq_ptr cq;
-  registered_buffer msgs;  // nrecv receive buffers, then nrecv reply buffers
-  registered_buffer pool;  // this client's segments; no other client's PD can reach it
-  uint32_t qd = 0;     // credits granted to the client
-  // Receive slots: twice the credits. A slot is reposted only once its reply
-  // was sent (its reply buffer is free again), and a client may send its next
-  // RPC as soon as it sees a reply, before we polled that send's completion:
-  // the spare half keeps a well-behaved client out of RNR waits.
-  uint32_t nrecv = 0;
-  handle_table handles;             // until OPEN moves it into the gate
-  std::optional<rpc_gate> gate;     // after OPEN
-  export_entry* exp = nullptr;
-  std::vector<io_ctx> ctx;
-  std::mutex mu;                    // gate, and posting sends from several threads
-  std::atomic<uint32_t> in_flight{0};  // export I/O and fences not answered yet
-  std::atomic<bool> closing{false};
-  std::atomic<uint64_t> rpcs{0};
-  std::vector<storage::vstore_io*> batch;  // service thread only
-
-  std::byte* recv_buf(uint32_t i) { return msgs.data() + size_t{i} * msg_size; }
-  std::byte* send_buf(uint32_t i) { return msgs.data() + (size_t{nrecv} + i) * msg_size; }
-};
-
-uint16_t vstore_opcode(uint16_t op) {
-  switch (op) {
-    case OP_READ: return core::VSTORE_OP_READ;
-    case OP_WRITE: return core::VSTORE_OP_WRITE;
-    case OP_FLUSH: return core::VSTORE_OP_FLUSH;
-    case OP_DISCARD: return core::VSTORE_OP_DISCARD;
-    default: return core::VSTORE_OP_WRITE_ZEROES;
-  }
-}
-
-}  // namespace
-
-struct server::impl {
-  server_options opts;
-  std::vector<std::unique_ptr<export_entry>> exports;
-  cm_channel_ptr ch;
-  std::vector<cm_id_ptr> listeners;
-  int cm_wake = -1, svc_wake = -1, ep = -1;
-  std::thread cm_thread, svc_thread;
-  std::atomic<bool> stop_cm{false}, stop_svc{false};
-  bool started = false, stopped = false;
-
-  mutable std::mutex conns_mu;
-  std::map<rdma_cm_id*, std::shared_ptr<conn>> conns;  // by cm id
-  uint64_t conns_gen = 0;
-  uint64_t next_serial = 0;
-
-  refusal_counters refused;
-  std::atomic<uint64_t> accepted{0}, rejected{0}, served{0}, max_in_flight{0};
-  // Threads inside a completion or fence answer: their last act (waking the
-  // service thread) may follow the connection's last in-flight count, so
-  // stop() waits for them before the server goes away.
-  std::atomic<uint32_t> callbacks{0};
-
-  ~impl();
-  export_entry* find_export(const std::string& name);
-  void cm_loop();
-  void on_connect_request(const cm_event& ev);
-  core::result<std::shared_ptr<conn>> make_conn(const cm_event& ev, uint32_t qd);
-  core::result<void> build_conn(const std::shared_ptr<conn>& c, rdma_cm_id* id, uint32_t qd);
-  void svc_loop();
-  bool service(conn& c);
-  void on_recv(conn& c, uint32_t slot, uint32_t len);
-  void refuse(conn& c, uint32_t slot, uint64_t id, refusal why);
-  void post_reply(conn& c, uint32_t slot, size_t len);
-  // epoch: the export's epoch to report; -1: the server's own record's.
-  void reply_status(conn& c, uint32_t slot, uint64_t id, int status, int64_t epoch = -1);
-  void teardown(conn& c);
-  static void on_io_done(storage::vstore_io* io, int status);
-  void answer_fences(const std::vector<uint64_t>& cookies);
-  void wake_svc() {
-    uint64_t one = 1;
-    [[maybe_unused]] ssize_t w = ::write(svc_wake, &one, sizeof one);
-  }
-};
+using namespace server_detail;
 
 server::impl::~impl() {
   for (int fd : {cm_wake, svc_wake, ep})
@@ -185,10 +81,13 @@ core::result<void> server::impl::build_conn(const std::shared_ptr<conn>& c, rdma
   int fl = fcntl(cc->fd, F_GETFL);
   fcntl(cc->fd, F_SETFL, fl | O_NONBLOCK);
   const uint32_t n = c->nrecv;
-  ibv_cq* cq = ibv_create_cq(id->verbs, static_cast<int>(2 * n + 1), c.get(), cc, 0);
+  ibv_cq* cq = ibv_create_cq(id->verbs, static_cast<int>(3 * n + 1), c.get(), cc, 0);
   if (!cq) return core::fail(errno ? errno : ENOMEM, "ibv_create_cq");
   c->cq.reset(cq);
-  if (auto r = create_rc_qp(id, pd, cq, n, n, 1); !r) return core::fail(std::move(r).err());
+  // Send queue: n replies holding their receive slot, plus up to n unsignaled
+  // inline replies not yet known done (post_reply).
+  if (auto r = create_rc_qp(id, pd, cq, 2 * n, n, 1, 256, &c->max_inline); !r) return core::fail(std::move(r).err());
+  c->sq_cap = 2 * n;
   auto m = registered_buffer::make(pd, size_t{n} * 2 * msg_size, IBV_ACCESS_LOCAL_WRITE, "RPC buffers");
   if (!m) return core::fail(std::move(m).err());
   c->msgs = std::move(*m);
@@ -310,36 +209,6 @@ void server::impl::cm_loop() {
 
 // --- service thread ----------------------------------------------------------
 
-void server::impl::post_reply(conn& c, uint32_t slot, size_t len) {
-  ibv_sge sge{reinterpret_cast<uintptr_t>(c.send_buf(slot)), static_cast<uint32_t>(len), c.msgs.lkey()};
-  ibv_send_wr wr{};
-  wr.wr_id = wr_id(WR_SEND, slot);
-  wr.sg_list = &sge;
-  wr.num_sge = 1;
-  wr.opcode = IBV_WR_SEND;
-  wr.send_flags = IBV_SEND_SIGNALED;
-  ibv_send_wr* bad = nullptr;
-  std::lock_guard lk(c.mu);
-  if (int rc = ibv_post_send(c.id->qp, &wr, &bad); rc != 0 && !c.closing.exchange(true)) {
-    spdlog::warn("rdma server: client {}: posting a reply failed ({}); closing", c.serial, std::strerror(rc));
-    wake_svc();
-  }
-}
-
-void server::impl::reply_status(conn& c, uint32_t slot, uint64_t id, int status, int64_t epoch) {
-  reply r;
-  r.hdr.id = id;
-  r.status = status;
-  r.epoch = epoch >= 0 ? static_cast<uint32_t>(epoch) : c.exp ? c.exp->epochs.current() : 0;
-  post_reply(c, slot, encode_reply(r, c.send_buf(slot)));
-}
-
-void server::impl::refuse(conn& c, uint32_t slot, uint64_t id, refusal why) {
-  refused.add(why);
-  spdlog::debug("rdma server: client {}: refused RPC id {:#x}: {}", c.serial, id, refusal_name(why));
-  reply_status(c, slot, id, refusal_errno(why));
-}
-
 void server::impl::answer_fences(const std::vector<uint64_t>& cookies) {
   for (uint64_t cookie : cookies) {
     auto* x = reinterpret_cast<io_ctx*>(cookie);
@@ -351,25 +220,6 @@ void server::impl::answer_fences(const std::vector<uint64_t>& cookies) {
     reply_status(c, x->slot, x->id, 0);
     if (c.in_flight.fetch_sub(1) == 1) wake_svc();
   }
-}
-
-void server::impl::on_io_done(storage::vstore_io* io, int status) {
-  auto* x = static_cast<io_ctx*>(io->user);
-  conn& c = *x->c;
-  impl& s = *c.srv;
-  s.callbacks.fetch_add(1);
-  {
-    std::lock_guard lk(c.mu);
-    c.gate->done(x->id);
-  }
-  auto fired = c.exp->epochs.finish(c.exp->ex.fence ? 0 : x->epoch);
-  // The data of a READ sits in the client's segment now; the reply tells it to fetch.
-  s.reply_status(c, x->slot, x->id, status);
-  c.rpcs.fetch_add(1, std::memory_order_relaxed);
-  s.served.fetch_add(1, std::memory_order_relaxed);
-  if (!fired.empty()) s.answer_fences(fired);
-  if (c.in_flight.fetch_sub(1) == 1) s.wake_svc();
-  s.callbacks.fetch_sub(1);
 }
 
 void server::impl::on_recv(conn& c, uint32_t slot, uint32_t len) {
@@ -521,40 +371,6 @@ void server::impl::on_recv(conn& c, uint32_t slot, uint32_t len) {
   c.batch.push_back(&x.io);
 }
 
-// One round-robin turn for one connection: up to opts.batch completions, then
-// the I/O they carried goes to the export as one batch. True if it did work.
-bool server::impl::service(conn& c) {
-  ibv_wc wc[64];
-  uint32_t want = std::min<uint32_t>(opts.batch, 64);
-  int n = ibv_poll_cq(c.cq.get(), static_cast<int>(want), wc);
-  if (n <= 0) return false;
-  for (int i = 0; i < n; ++i) {
-    const uint32_t slot = static_cast<uint32_t>(wc[i].wr_id & 0xffffffff);
-    const uint64_t kind = wc[i].wr_id >> 56;
-    if (wc[i].status != IBV_WC_SUCCESS) {
-      if (!c.closing.exchange(true)) {
-        if (wc[i].status != IBV_WC_WR_FLUSH_ERR)
-          spdlog::warn("rdma server: client {}: {}; closing", c.serial, wc_error_text(wc[i]));
-        rdma_disconnect(c.id.get());
-      }
-      continue;
-    }
-    if (slot >= c.nrecv || c.closing.load()) continue;
-    if (kind == WR_RECV) {
-      on_recv(c, slot, wc[i].byte_len);
-    } else if (kind == WR_SEND) {
-      // The reply left: the slot takes the client's next RPC.
-      if (int rc = post_recv(c.id->qp, wr_id(WR_RECV, slot), c.recv_buf(slot), msg_size, c.msgs.lkey()); rc < 0)
-        c.closing = true;
-    }
-  }
-  if (!c.batch.empty()) {
-    c.exp->ex.submit(c.exp->ex.disk, c.batch.data(), static_cast<uint32_t>(c.batch.size()));
-    c.batch.clear();
-  }
-  return true;
-}
-
 void server::impl::teardown(conn& c) {
   epoll_ctl(ep, EPOLL_CTL_DEL, c.cc->fd, nullptr);
   if (c.gate) c.gate->revoke();
@@ -604,7 +420,10 @@ void server::impl::svc_loop() {
       last_work = clock::now();
       continue;
     }
-    if (opts.busy_poll_us && clock::now() - last_work < std::chrono::microseconds(opts.busy_poll_us)) continue;
+    if (opts.busy_poll_us && clock::now() - last_work < std::chrono::microseconds(opts.busy_poll_us)) {
+      sched_yield();  // poll without holding the CPU: the disk's completion thread may need it
+      continue;
+    }
     for (auto& c : snap)
       if (c->cq) ibv_req_notify_cq(c->cq.get(), 0);
     for (auto& c : snap)  // the final re-check after arming
@@ -621,7 +440,9 @@ void server::impl::svc_loop() {
       auto* c = static_cast<conn*>(evs[i].data.ptr);
       ibv_cq* cq = nullptr;
       void* ctx = nullptr;
-      while (ibv_get_cq_event(c->cc.get(), &cq, &ctx) == 0) ibv_ack_cq_events(cq, 1);
+      // One event per wake-up: another one pending keeps the (level-triggered)
+      // descriptor ready for the next epoll_wait, without a read that fails here.
+      if (ibv_get_cq_event(c->cc.get(), &cq, &ctx) == 0) ibv_ack_cq_events(cq, 1);
     }
   }
 }
@@ -654,6 +475,9 @@ core::result<std::unique_ptr<server>> server::create(server_options opts) {
         return core::fail(EEXIST, "rdma server: two exports named '" + e.name + "' or with UUID " + e.uuid);
     auto ent = std::make_unique<export_entry>();
     ent->ex = e;
+    // A disk whose table fences only when opened for it (file:// without
+    // fence=1) answers a query ENOTSUP: this server keeps the epoch then.
+    if (ent->ex.fence && ent->ex.fence(ent->ex.disk, 0) == -ENOTSUP) ent->ex.fence = nullptr;
     ent->geom.size = e.size;
     ent->geom.block_size = e.block_size;
     ent->geom.read_only = e.read_only;

@@ -77,7 +77,7 @@ core::result<cm_event> expect_cm_event(rdma_event_channel* ch, rdma_cm_event_typ
 }
 
 core::result<void> create_rc_qp(rdma_cm_id* id, ibv_pd* pd, ibv_cq* cq, uint32_t send_wr, uint32_t recv_wr,
-                                uint32_t max_sge) {
+                                uint32_t max_sge, uint32_t want_inline, uint32_t* got_inline) {
   ibv_qp_init_attr a{};
   a.send_cq = cq;
   a.recv_cq = cq;
@@ -86,10 +86,17 @@ core::result<void> create_rc_qp(rdma_cm_id* id, ibv_pd* pd, ibv_cq* cq, uint32_t
   a.cap.max_recv_wr = recv_wr;
   a.cap.max_send_sge = max_sge;
   a.cap.max_recv_sge = 1;
+  a.cap.max_inline_data = want_inline;
   a.sq_sig_all = 0;
-  if (rdma_create_qp(id, pd, &a) != 0)
+  int rc = rdma_create_qp(id, pd, &a);
+  if (rc != 0 && want_inline) {  // inline data is an optimisation: go without
+    a.cap.max_inline_data = 0;
+    rc = rdma_create_qp(id, pd, &a);
+  }
+  if (rc != 0)
     return core::fail(errno, "rdma_create_qp (RC, " + std::to_string(send_wr) + " send / " + std::to_string(recv_wr) +
                                  " receive work requests)");
+  if (got_inline) *got_inline = a.cap.max_inline_data;
   return core::ok();
 }
 

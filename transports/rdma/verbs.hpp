@@ -85,9 +85,12 @@ core::result<cm_event> next_cm_event(rdma_event_channel* ch, int timeout_ms);
 core::result<cm_event> expect_cm_event(rdma_event_channel* ch, rdma_cm_event_type want, int timeout_ms);
 
 // Creates the RC queue pair of a connection (rdma_create_qp) on one CQ for
-// both directions.
+// both directions. With want_inline, asks for SENDs that carry that many
+// bytes inline (copied into the work request when posted, so the buffer is
+// free at once and the device reads no memory for them); a device that cannot
+// gets a QP without, and *got_inline says what the QP took.
 core::result<void> create_rc_qp(rdma_cm_id* id, ibv_pd* pd, ibv_cq* cq, uint32_t send_wr, uint32_t recv_wr,
-                                uint32_t max_sge);
+                                uint32_t max_sge, uint32_t want_inline = 0, uint32_t* got_inline = nullptr);
 
 int post_recv(ibv_qp* qp, uint64_t wr_id, void* addr, uint32_t len, uint32_t lkey) noexcept;
 
