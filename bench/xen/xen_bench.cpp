@@ -7,6 +7,9 @@
 //         no grants. The limit for this design. Run twice: with the event
 //         index (a side notifies only when the other asked) and notifying on
 //         every push.
+//   grants the 4K QD32 figure again on a second device whose front end does
+//         not negotiate feature-persistent, so every request's grants are
+//         mapped and unmapped through the host-local hypervisor.
 //   nbd   `uvd serve` exporting the same kind of memory disk over a unix
 //         socket, driven by the small NBD client below (fixed newstyle,
 //         NBD_OPT_EXPORT_NAME, simple replies, QD requests pipelined on one
@@ -15,7 +18,7 @@
 // shared machine hits all of them alike); the median of the rounds is
 // reported, with the spread.
 //
-//   xen_bench --uvd PATH [--seconds 2] [--rounds 3] [--size 256M]
+//   xen_bench --uvd PATH [--seconds 2] [--rounds 3] [--size 256M] [--only "4K randread QD32"]
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -34,7 +37,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <new>
 #include <string>
 #include <thread>
@@ -62,6 +64,7 @@ struct opts {
   double seconds = 2;
   int rounds = 3;
   uint64_t size = 256ull << 20;
+  std::string only;  // run only the figures whose label contains this (profiling)
 };
 
 uint64_t xorshift(uint64_t& s) {
@@ -113,24 +116,27 @@ std::string read_line(int fd, int timeout_ms) {
 // Runs `qd` requests of `bs` bytes (random 4K-aligned offsets, or sequential)
 // for `secs`, every completion submitting the next. Returns requests per second.
 double vstore_rate(storage::Vstore& v, uint32_t bs, uint32_t qd, bool random, double secs, uint64_t size) {
+  struct state;
+  // Each slot draws its own offsets, so the completion path shares no lock
+  // with the others (the NBD client below has none either).
   struct slot {
     storage::vstore_io io;
     iovec iov;
     std::vector<std::byte> buf;
+    state* st;
+    uint64_t seed;
   };
   struct state {
     storage::Vstore* v;
     std::atomic<bool> stop{false};
-    std::atomic<uint64_t> done{0}, errors{0};
+    std::atomic<uint64_t> done{0}, errors{0}, next{0};
     std::atomic<uint32_t> live{0};
-    uint64_t seed = 88172645463325252ull, next = 0, size = 0;
+    uint64_t size = 0;
     uint32_t bs = 0;
     bool random = false;
-    std::mutex mu;
-    uint64_t offset() {
-      std::lock_guard lk(mu);
-      uint64_t blocks = size / bs;
-      uint64_t b = random ? xorshift(seed) % (size / 4096) * 4096 / bs * bs : (next++ % blocks) * bs;
+    uint64_t offset(slot& s) {
+      uint64_t b = random ? xorshift(s.seed) % (size / 4096) * 4096 / bs * bs
+                          : (next.fetch_add(1, std::memory_order_relaxed) % (size / bs)) * bs;
       return std::min(b, size - bs);
     }
   } st;
@@ -139,29 +145,33 @@ double vstore_rate(storage::Vstore& v, uint32_t bs, uint32_t qd, bool random, do
   st.bs = bs;
   st.random = random;
   std::vector<slot> slots(qd);
+  uint64_t seed = 88172645463325252ull;
   for (auto& s : slots) {
     s.buf.resize(bs);
     s.iov = {s.buf.data(), bs};
+    s.st = &st;
+    s.seed = xorshift(seed) | 1;
     s.io.opcode = core::VSTORE_OP_READ;
     s.io.length = bs;
     s.io.iov = &s.iov;
     s.io.iovcnt = 1;
-    s.io.user = &st;
+    s.io.user = &s;
     s.io.done = [](storage::vstore_io* io, int status) {
-      auto* t = static_cast<state*>(io->user);
+      auto* sl = static_cast<slot*>(io->user);
+      state* t = sl->st;
       if (status) t->errors.fetch_add(1);
       t->done.fetch_add(1, std::memory_order_relaxed);
       if (t->stop.load(std::memory_order_relaxed)) {
         t->live.fetch_sub(1);
         return;
       }
-      io->offset = t->offset();
+      io->offset = t->offset(*sl);
       t->v->submit(io);
     };
   }
   st.live = qd;
   for (auto& s : slots) {
-    s.io.offset = st.offset();
+    s.io.offset = st.offset(s);
     v.submit(&s.io);
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(200));  // warm-up
@@ -415,12 +425,13 @@ int main(int argc, char** argv) {
     if (a == "--uvd") o.uvd = next();
     else if (a == "--seconds") o.seconds = std::stod(next());
     else if (a == "--rounds") o.rounds = std::stoi(next());
+    else if (a == "--only") o.only = next();
     else if (a == "--size") {
       auto n = core::parse_size(next());
       if (!n) die("bad --size");
       o.size = *n;
     } else {
-      std::fprintf(stderr, "usage: xen_bench --uvd PATH [--seconds S] [--rounds N] [--size 256M]\n");
+      std::fprintf(stderr, "usage: xen_bench --uvd PATH [--seconds S] [--rounds N] [--size 256M] [--only LABEL]\n");
       return 2;
     }
   }
@@ -435,10 +446,16 @@ int main(int argc, char** argv) {
   if (::pipe2(p, O_CLOEXEC) < 0) die("pipe");
   int devnull = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
   server xb, ns;
-  spawn(xb, {o.uvd, "--log-level", "warn", "xen-back", "--hub", hub, "--disk", "1/51712=" + disk}, p[1]);
+  // Two devices of the same back end: xvda for the front end that negotiates
+  // persistent grants, xvdb for one that does not (every request's grants are
+  // mapped and unmapped through the hypervisor, as without feature-persistent).
+  spawn(xb,
+        {o.uvd, "--log-level", "warn", "xen-back", "--hub", hub, "--disk", "1/51712=" + disk, "--disk",
+         "1/51728=" + disk},
+        p[1]);
   ::close(p[1]);
-  std::string uri = read_line(p[0], 30000);
-  if (uri.rfind("xen://", 0) != 0) die("uvd xen-back printed no URI");
+  std::string uri = read_line(p[0], 30000), uri_np = read_line(p[0], 30000);
+  if (uri.rfind("xen://", 0) != 0 || uri_np.rfind("xen://", 0) != 0) die("uvd xen-back printed no URI");
   spawn(ns, {o.uvd, "--log-level", "warn", "serve", "--unix", nbd, "--export", "disk=" + disk}, devnull);
   for (int i = 0; i < 300 && ::access(nbd.c_str(), F_OK) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
 
@@ -451,10 +468,15 @@ int main(int argc, char** argv) {
   oo.options = "ring_order=" + std::to_string(order) + "&max_segments=32";
   auto v = storage::Vstore::open(*reg, uri, oo);
   if (!v) die("open " + uri + ": " + v.err().what());
+  storage::open_options oo_np = oo;
+  oo_np.options += "&persistent=0";
+  auto v_np = storage::Vstore::open(*reg, uri_np, oo_np);
+  if (!v_np) die("open " + uri_np + ": " + v_np.err().what());
   {  // write the disks once so every read finds real pages
     std::vector<std::byte> buf(1 << 20, std::byte{0x5a});
-    for (uint64_t off = 0; off < o.size; off += buf.size())
-      if (!(*v)->write(off, buf.data(), buf.size())) die("fill");
+    for (auto* d : {&**v, &**v_np})
+      for (uint64_t off = 0; off < o.size; off += buf.size())
+        if (!d->write(off, buf.data(), buf.size())) die("fill");
   }
 
   std::printf("xen_bench: %u CPUs, %s disk, %.1f s per figure, %d rounds (median [min..max])\n",
@@ -470,8 +492,10 @@ int main(int argc, char** argv) {
                       {"1M seqread QD1", 1 << 20, 1, false},
                       {"1M seqread QD32", 1 << 20, 32, false}};
   std::map<std::string, figure> f;
+  auto wanted = [&](const std::string& label) { return o.only.empty() || label.find(o.only) != std::string::npos; };
   for (int r = 0; r < o.rounds; ++r) {
     for (const auto& l : loads) {
+      if (!wanted(l.label)) continue;
       // Alternate the order each round so drift hits both paths alike.
       bool xen_first = (r % 2) == 0;
       for (int k = 0; k < 2; ++k) {
@@ -481,7 +505,10 @@ int main(int argc, char** argv) {
           f[std::string(l.label) + "|nbd"].v.push_back(nbd_rate(nbd, l.bs, l.qd, l.random, o.seconds, o.size));
       }
     }
+    if (wanted("grants"))
+      f["grants|per-request"].v.push_back(vstore_rate(**v_np, 4096, 32, true, o.seconds, o.size));
     for (uint32_t qd : {1u, 32u}) {
+      if (!wanted("ring QD" + std::to_string(qd))) continue;
       f["ring QD" + std::to_string(qd) + "|event"].v.push_back(ring_rate(qd, false, o.seconds, order));
       f["ring QD" + std::to_string(qd) + "|every"].v.push_back(ring_rate(qd, true, o.seconds, order));
     }
@@ -511,6 +538,11 @@ int main(int argc, char** argv) {
     show(std::string(l.label) + "|nbd", scale, unit);
     show_ratio(std::string(l.label) + " xen/nbd", ratio(std::string(l.label) + "|xen", std::string(l.label) + "|nbd"));
   }
+  std::printf("\nblkif 4K randread QD32, persistent grants (xvda) vs grants mapped per request (xvdb):\n");
+  f["grants|persistent"] = f["4K randread QD32|xen"];
+  show("grants|persistent", 1, "IOPS");
+  show("grants|per-request", 1, "IOPS");
+  show_ratio("grants persistent/per-request", ratio("grants|persistent", "grants|per-request"));
   std::printf("\nbare ring, two processes, round trips per second:\n");
   for (const char* q : {"ring QD1", "ring QD32"}) {
     show(std::string(q) + "|event", 1, "msg/s");
@@ -523,6 +555,7 @@ int main(int argc, char** argv) {
   std::printf("blkif / NBD, 4K IOPS at QD32 (goal >= 3):\n");
   show_ratio("QD32", ratio("4K randread QD32|xen", "4K randread QD32|nbd"));
   v->reset();
+  v_np->reset();
   ::unlink(hub.c_str());
   ::unlink(nbd.c_str());
   ::rmdir(dir.c_str());

@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 // The data path of one connected blkif device in the back end: the mapped
-// ring, the event channel and a thread that takes requests, validates them,
-// maps their grants and hands them to the Vstore. Private to blkback.
+// ring, the event channel and a thread that, per wake-up, takes every request
+// on the ring, validates them, maps their grants (persistent grants stay
+// mapped across requests) and hands them to the Vstore in one submit; the
+// answers of a disk that completes at once go out with one push and at most
+// one notification per batch. Private to blkback.
 #include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include "storage/vstore.hpp"
@@ -50,18 +52,50 @@ class blk_conn {
     std::unique_ptr<foreign_mapping> transient;
   };
 
+  // The ids of requests taken and not yet answered, to refuse an id the front
+  // end reuses while it is in flight. Open addressing over a table sized
+  // once (twice the ring), so the data path never allocates; the hash is
+  // keyed per connection so a front end cannot aim its ids at one bucket.
+  class id_set {
+   public:
+    void init(uint32_t ring_size, uint64_t key);
+    bool insert(uint64_t id);  // false: already present
+    void erase(uint64_t id);
+
+   private:
+    size_t home(uint64_t id) const { return static_cast<size_t>(((id ^ key_) * 0x9e3779b97f4a7c15ull) >> shift_); }
+    std::vector<uint64_t> ids_;
+    std::vector<uint8_t> used_;
+    uint64_t key_ = 0;
+    unsigned shift_ = 63;
+  };
+
   explicit blk_conn(blk_conn_params p) : p_(std::move(p)) {}
   core::result<void> init();
   void run();
+  // Copies up to a ring's worth of requests off the ring at once. 0: the
+  // ring is empty (event index re-armed), every slot is owed a response
+  // (stalled_), or the producer index is impossible (*broken).
+  uint32_t take_batch(bool* broken);
   void handle(const blkif_request& req);
   // Pages for `refs` (persistent cache, else one transient mapping held by
   // *transient) into pages_[0..n). False if any ref fails to map.
   bool map_pages(const grant_ref_t* refs, size_t n, bool writable, std::unique_ptr<foreign_mapping>* transient);
   bool read_indirect(const blkif_request_indirect& ind, uint32_t nseg, blkif_request_segment* out);
-  void respond(uint64_t id, uint8_t op, int16_t status);
+  // Writes a response at the private producer index (ring_mu_ held); it is
+  // published by publish_locked(), once per batch.
+  void answer_locked(uint64_t id, uint8_t op, int16_t status);
+  void publish_locked();
+  // Answers a request refused before it reached the disk and frees its pending.
+  void reject(pending* pd, uint64_t id, uint8_t op, int16_t status);
   static void on_done(storage::vstore_io* io, int status);
-  pending* get_pending();
-  void put_pending(pending* p);
+  void queue_io(pending* pd);
+  // Hands the queued ios to the disk in one submit, then pushes every answer
+  // written so far (one notification at most).
+  void submit_and_publish();
+  // A slice of a batch is submitted and answered once it carries this much
+  // data: 4 KiB requests still go 64 to a push, 128 KiB ones two at a time.
+  static constexpr uint64_t publish_bytes = 256 << 10;
 
   blk_conn_params p_;
   std::unique_ptr<foreign_mapping> ring_map_;
@@ -70,17 +104,26 @@ class blk_conn {
   uint64_t capacity_sectors_ = 0;
   uint32_t max_segs_ = BLKIF_MAX_SEGMENTS_PER_REQUEST;
 
-  std::mutex ring_mu_;  // ring_, inflight_ids_, free_, stalled_
+  std::mutex ring_mu_;  // ring_, ids_, free_, stalled_, busy_
   std::condition_variable idle_cv_;
-  std::unordered_set<uint64_t> inflight_ids_;
+  id_set ids_;
   std::vector<std::unique_ptr<pending>> pool_;
   std::vector<pending*> free_;
   bool stalled_ = false;
-  uint32_t busy_ = 0;  // pendings handed to the Vstore
+  uint32_t busy_ = 0;         // pendings handed to the Vstore
+  uint32_t unpublished_ = 0;  // answers written but not yet pushed
+
+  // The I/O thread while it runs: a completion on it (a disk that completes
+  // inside submit) leaves publishing to the end of the batch; one on any
+  // other thread publishes at once.
+  std::atomic<std::thread::id> io_thread_{};
 
   // Persistent grants: mapped on first use, kept until disconnect (I/O thread only).
   std::unordered_map<grant_ref_t, std::unique_ptr<foreign_mapping>> persistent_;
   // Scratch of the I/O thread, sized once, so no request allocates.
+  std::vector<blkif_request> batch_;
+  std::vector<storage::vstore_io*> submit_;
+  uint64_t submit_bytes_ = 0;
   std::vector<blkif_request_segment> segs_;
   std::vector<grant_ref_t> refs_, missing_;
   std::vector<std::byte*> pages_;

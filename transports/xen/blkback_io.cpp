@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cstring>
+#include <random>
 
 #include "transports/xen/blkback_conn.hpp"
 
@@ -39,6 +40,10 @@ core::result<void> blk_conn::init() {
     free_.push_back(pd.get());
     pool_.push_back(std::move(pd));
   }
+  std::random_device rd;
+  ids_.init(ring_.size(), (uint64_t{rd()} << 32) ^ rd());
+  batch_.resize(ring_.size());
+  submit_.reserve(ring_.size());
   segs_.resize(max_segs_);
   refs_.resize(max_segs_);
   pages_.resize(max_segs_);
@@ -77,71 +82,155 @@ void blk_conn::fill_stats(blkback_device_stats& s) const {
   s.broken = broken_;
 }
 
-void blk_conn::run() {
-  pollfd fds[2] = {{evt_->fd(), POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-  while (!stop_) {
-    for (;;) {
-      blkif_request req;
-      core::ring_take t;
-      {
-        std::lock_guard lk(ring_mu_);
-        if (ring_.unanswered() >= ring_.size()) {
-          stalled_ = true;  // every slot is owed a response; a completion wakes us
-          break;
-        }
-        t = ring_.take_request(&req);
-        if (t == core::ring_take::empty && !ring_.final_check_for_requests()) break;
-      }
-      if (t == core::ring_take::broken) {
-        spdlog::warn("blkback: domain {}: request producer index is impossible; disconnecting", p_.front);
-        broken_ = true;
-        return;
-      }
-      if (t == core::ring_take::item) handle(req);
-      if (stop_) return;
+void blk_conn::id_set::init(uint32_t ring_size, uint64_t key) {
+  size_t cap = 2;
+  shift_ = 63;
+  while (cap < size_t{ring_size} * 2) {
+    cap *= 2;
+    --shift_;
+  }
+  ids_.assign(cap, 0);
+  used_.assign(cap, 0);
+  key_ = key;
+}
+
+// Never full: at most a ring's worth of ids is in flight, in twice the slots.
+bool blk_conn::id_set::insert(uint64_t id) {
+  const size_t mask = ids_.size() - 1;
+  for (size_t i = home(id);; i = (i + 1) & mask) {
+    if (!used_[i]) {
+      used_[i] = 1;
+      ids_[i] = id;
+      return true;
     }
-    if (::poll(fds, 2, -1) < 0 && errno != EINTR) return;
-    if (auto a = evt_->ack(); !a) return;
-    uint64_t v;
-    (void)::read(kick_fd_, &v, sizeof v);
+    if (ids_[i] == id) return false;
   }
 }
 
-blk_conn::pending* blk_conn::get_pending() {
-  std::lock_guard lk(ring_mu_);
-  // Never empty: the ring lets at most ring_.size() requests be unanswered.
-  pending* p = free_.back();
-  free_.pop_back();
-  return p;
+// Linear probing with backward-shift deletion: no tombstones, so probes stay short.
+void blk_conn::id_set::erase(uint64_t id) {
+  const size_t mask = ids_.size() - 1;
+  size_t i = home(id);
+  while (used_[i] && ids_[i] != id) i = (i + 1) & mask;
+  if (!used_[i]) return;
+  for (size_t j = i;;) {
+    j = (j + 1) & mask;
+    if (!used_[j]) break;
+    size_t h = home(ids_[j]);
+    bool stays = i <= j ? (i < h && h <= j) : (i < h || h <= j);  // home cyclically in (i, j]
+    if (!stays) {
+      ids_[i] = ids_[j];
+      i = j;
+    }
+  }
+  used_[i] = 0;
 }
 
-void blk_conn::put_pending(pending* p) {
-  p->transient.reset();
-  p->iov.clear();
+uint32_t blk_conn::take_batch(bool* broken) {
   std::lock_guard lk(ring_mu_);
-  free_.push_back(p);
+  uint32_t n = 0;
+  for (;;) {
+    while (n < batch_.size()) {
+      if (ring_.unanswered() >= ring_.size()) {
+        if (n == 0) stalled_ = true;  // every slot is owed a response; a completion wakes us
+        return n;
+      }
+      core::ring_take t = ring_.take_request(&batch_[n]);
+      if (t == core::ring_take::item) {
+        ++n;
+        continue;
+      }
+      if (t == core::ring_take::broken) *broken = true;
+      break;
+    }
+    if (n > 0 || *broken) return n;
+    if (!ring_.final_check_for_requests()) return 0;
+  }
 }
 
-void blk_conn::respond(uint64_t id, uint8_t op, int16_t status) {
+void blk_conn::run() {
+  io_thread_.store(std::this_thread::get_id());
+  pollfd fds[2] = {{evt_->fd(), POLLIN, 0}, {kick_fd_, POLLIN, 0}};
+  while (!stop_) {
+    bool broken = false;
+    uint32_t n = take_batch(&broken);
+    if (n > 0) {
+      requests_ += n;
+      for (uint32_t i = 0; i < n; ++i) {
+        handle(batch_[i]);
+        // Big requests go out in slices, so the front end gets the first
+        // answers while the disk still copies the rest.
+        if (submit_bytes_ >= publish_bytes) submit_and_publish();
+      }
+      submit_and_publish();
+    }
+    if (broken) {
+      spdlog::warn("blkback: domain {}: request producer index is impossible; disconnecting", p_.front);
+      broken_ = true;
+      break;
+    }
+    if (n > 0) continue;
+    if (::poll(fds, 2, -1) < 0 && errno != EINTR) break;
+    if (fds[0].revents)
+      if (auto a = evt_->ack(); !a) break;
+    if (fds[1].revents) {
+      uint64_t v;
+      (void)::read(kick_fd_, &v, sizeof v);
+    }
+  }
+  // From here on every completion publishes its own answer.
+  io_thread_.store(std::thread::id());
+}
+
+void blk_conn::queue_io(pending* pd) {
+  submit_.push_back(&pd->io);
+  submit_bytes_ += pd->io.length;
+}
+
+void blk_conn::submit_and_publish() {
+  if (!submit_.empty()) {
+    {
+      std::lock_guard lk(ring_mu_);
+      busy_ += static_cast<uint32_t>(submit_.size());
+    }
+    // One submit for the slice; a disk that completes inside it answers on
+    // this thread, and those answers go out with the push below.
+    p_.disk->submit(std::span<storage::vstore_io* const>(submit_));
+    submit_.clear();
+    submit_bytes_ = 0;
+  }
+  std::lock_guard lk(ring_mu_);
+  publish_locked();
+}
+
+void blk_conn::answer_locked(uint64_t id, uint8_t op, int16_t status) {
   blkif_response rsp;
   std::memset(&rsp, 0, sizeof rsp);  // padding too: nothing of ours leaks into the guest
   rsp.id = id;
   rsp.operation = op;
   rsp.status = status;
   if (status != BLKIF_RSP_OKAY) ++errors_;
-  bool notify, wake;
-  {
-    std::lock_guard lk(ring_mu_);
-    ring_.put_response(rsp);
-    notify = ring_.push_responses();
-    wake = stalled_;
+  ring_.put_response(rsp);
+  ++unpublished_;
+}
+
+void blk_conn::publish_locked() {
+  if (unpublished_ == 0) return;
+  unpublished_ = 0;
+  if (ring_.push_responses()) (void)evt_->notify();
+  if (stalled_) {
     stalled_ = false;
-  }
-  if (notify) (void)evt_->notify();
-  if (wake) {
     uint64_t one = 1;
     (void)::write(kick_fd_, &one, sizeof one);
   }
+}
+
+void blk_conn::reject(pending* pd, uint64_t id, uint8_t op, int16_t status) {
+  pd->transient.reset();
+  std::lock_guard lk(ring_mu_);
+  free_.push_back(pd);
+  ids_.erase(id);
+  answer_locked(id, op, status);
 }
 
 bool blk_conn::map_pages(const grant_ref_t* refs, size_t n, bool writable,
@@ -191,34 +280,23 @@ bool blk_conn::read_indirect(const blkif_request_indirect& ind, uint32_t nseg, b
 }
 
 void blk_conn::handle(const blkif_request& req) {
-  ++requests_;
   const uint64_t id = req.id;
   uint8_t op = req.operation;  // an indirect request is answered with its inner op, as Linux blkback does
+  pending* pd;
   {
     std::lock_guard lk(ring_mu_);
-    if (!inflight_ids_.insert(id).second) {
+    if (!ids_.insert(id)) {
       // The front end reused an id it has not been answered for. Answer the
       // impostor without touching the original (whose answer is still owed).
       spdlog::debug("blkback: domain {}: id {} reused while in flight", p_.front, id);
-      blkif_response rsp;
-      std::memset(&rsp, 0, sizeof rsp);
-      rsp.id = id;
-      rsp.operation = op;
-      rsp.status = BLKIF_RSP_ERROR;
-      ++errors_;
-      ring_.put_response(rsp);
-      bool notify = ring_.push_responses();
-      if (notify) (void)evt_->notify();
+      answer_locked(id, op, BLKIF_RSP_ERROR);
       return;
     }
+    // Never empty: the ring lets at most ring_.size() requests be unanswered.
+    pd = free_.back();
+    free_.pop_back();
   }
-  auto reject = [&](int16_t status) {
-    {
-      std::lock_guard lk(ring_mu_);
-      inflight_ids_.erase(id);
-    }
-    respond(id, op, status);
-  };
+  auto refuse = [&](int16_t status) { reject(pd, id, op, status); };
 
   uint16_t vop;
   uint64_t sector = 0, nsect = 0;
@@ -230,26 +308,25 @@ void blk_conn::handle(const blkif_request& req) {
     case BLKIF_OP_READ:
     case BLKIF_OP_WRITE:
       nseg = req.nr_segments;
-      if (nseg == 0 || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST) return reject(BLKIF_RSP_ERROR);
+      if (nseg == 0 || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST) return refuse(BLKIF_RSP_ERROR);
       std::memcpy(segs, req.seg, nseg * sizeof(blkif_request_segment));
       is_write = op == BLKIF_OP_WRITE;
       sector = req.sector_number;
       break;
     case BLKIF_OP_INDIRECT: {
-      if (p_.opts.max_indirect_segments == 0) return reject(BLKIF_RSP_EOPNOTSUPP);
+      if (p_.opts.max_indirect_segments == 0) return refuse(BLKIF_RSP_EOPNOTSUPP);
       blkif_request_indirect ind;
       std::memcpy(&ind, &req, sizeof ind);
-      if (ind.indirect_op != BLKIF_OP_READ && ind.indirect_op != BLKIF_OP_WRITE) return reject(BLKIF_RSP_ERROR);
+      if (ind.indirect_op != BLKIF_OP_READ && ind.indirect_op != BLKIF_OP_WRITE) return refuse(BLKIF_RSP_ERROR);
       op = ind.indirect_op;  // Linux blkfront checks the response's operation against it
       nseg = ind.nr_segments;
-      if (nseg == 0 || nseg > p_.opts.max_indirect_segments) return reject(BLKIF_RSP_ERROR);
-      if (!read_indirect(ind, nseg, segs)) return reject(BLKIF_RSP_ERROR);
+      if (nseg == 0 || nseg > p_.opts.max_indirect_segments) return refuse(BLKIF_RSP_ERROR);
+      if (!read_indirect(ind, nseg, segs)) return refuse(BLKIF_RSP_ERROR);
       is_write = ind.indirect_op == BLKIF_OP_WRITE;
       sector = ind.sector_number;
       break;
     }
     case BLKIF_OP_FLUSH_DISKCACHE: {
-      pending* pd = get_pending();
       pd->id = id;
       pd->op = op;
       pd->io.opcode = core::VSTORE_OP_FLUSH;
@@ -258,23 +335,18 @@ void blk_conn::handle(const blkif_request& req) {
       pd->io.length = 0;
       pd->io.iov = nullptr;
       pd->io.iovcnt = 0;
-      {
-        std::lock_guard lk(ring_mu_);
-        ++busy_;
-      }
-      p_.disk->submit(&pd->io);
+      queue_io(pd);
       return;
     }
     case BLKIF_OP_DISCARD: {
       blkif_request_discard d;
       std::memcpy(&d, &req, sizeof d);
-      if (!p_.disk->has(core::VSTORE_F_DISCARD)) return reject(BLKIF_RSP_EOPNOTSUPP);
-      if (d.flag & BLKIF_DISCARD_SECURE) return reject(BLKIF_RSP_EOPNOTSUPP);  // we offer no discard-secure
-      if (p_.read_only) return reject(BLKIF_RSP_ERROR);
+      if (!p_.disk->has(core::VSTORE_F_DISCARD)) return refuse(BLKIF_RSP_EOPNOTSUPP);
+      if (d.flag & BLKIF_DISCARD_SECURE) return refuse(BLKIF_RSP_EOPNOTSUPP);  // we offer no discard-secure
+      if (p_.read_only) return refuse(BLKIF_RSP_ERROR);
       if (d.nr_sectors == 0 || d.sector_number > capacity_sectors_ ||
           d.nr_sectors > capacity_sectors_ - d.sector_number)
-        return reject(BLKIF_RSP_ERROR);
-      pending* pd = get_pending();
+        return refuse(BLKIF_RSP_ERROR);
       pd->id = id;
       pd->op = op;
       pd->io.opcode = core::VSTORE_OP_DISCARD;
@@ -283,33 +355,25 @@ void blk_conn::handle(const blkif_request& req) {
       pd->io.length = d.nr_sectors * blk_sector;
       pd->io.iov = nullptr;
       pd->io.iovcnt = 0;
-      {
-        std::lock_guard lk(ring_mu_);
-        ++busy_;
-      }
-      p_.disk->submit(&pd->io);
+      queue_io(pd);
       return;
     }
     default:  // WRITE_BARRIER, RESERVED_1 and anything unknown
-      return reject(BLKIF_RSP_EOPNOTSUPP);
+      return refuse(BLKIF_RSP_EOPNOTSUPP);
   }
 
-  if (is_write && p_.read_only) return reject(BLKIF_RSP_ERROR);
+  if (is_write && p_.read_only) return refuse(BLKIF_RSP_ERROR);
   grant_ref_t* refs = refs_.data();
   for (uint32_t i = 0; i < nseg; ++i) {
     const auto& s = segs[i];
-    if (s.first_sect > s.last_sect || s.last_sect >= blk_sectors_per_page) return reject(BLKIF_RSP_ERROR);
+    if (s.first_sect > s.last_sect || s.last_sect >= blk_sectors_per_page) return refuse(BLKIF_RSP_ERROR);
     nsect += s.last_sect - s.first_sect + 1u;
     refs[i] = s.gref;
   }
-  if (sector > capacity_sectors_ || nsect > capacity_sectors_ - sector) return reject(BLKIF_RSP_ERROR);
+  if (sector > capacity_sectors_ || nsect > capacity_sectors_ - sector) return refuse(BLKIF_RSP_ERROR);
 
-  pending* pd = get_pending();
   // A read writes into the guest's pages; a write only reads them.
-  if (!map_pages(refs, nseg, !is_write, &pd->transient)) {
-    put_pending(pd);
-    return reject(BLKIF_RSP_ERROR);
-  }
+  if (!map_pages(refs, nseg, !is_write, &pd->transient)) return refuse(BLKIF_RSP_ERROR);
   pd->id = id;
   pd->op = op;
   for (uint32_t i = 0; i < nseg; ++i)
@@ -322,28 +386,24 @@ void blk_conn::handle(const blkif_request& req) {
   pd->io.length = nsect * blk_sector;
   pd->io.iov = pd->iov.data();
   pd->io.iovcnt = nseg;
-  {
-    std::lock_guard lk(ring_mu_);
-    ++busy_;
-  }
-  p_.disk->submit(&pd->io);
+  queue_io(pd);
 }
 
 void blk_conn::on_done(storage::vstore_io* io, int status) {
   auto* pd = static_cast<pending*>(io->user);
   blk_conn* c = pd->conn;
-  uint64_t id = pd->id;
-  uint8_t op = pd->op;
   int16_t st = status == 0                ? BLKIF_RSP_OKAY
                : status == -EOPNOTSUPP ? BLKIF_RSP_EOPNOTSUPP
                                         : BLKIF_RSP_ERROR;
-  c->put_pending(pd);
-  {
-    std::lock_guard lk(c->ring_mu_);
-    c->inflight_ids_.erase(id);
-  }
-  c->respond(id, op, st);
+  pd->transient.reset();  // the disk is done with the guest's pages
+  pd->iov.clear();
+  const bool on_io_thread = c->io_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
   std::lock_guard lk(c->ring_mu_);
+  c->ids_.erase(pd->id);
+  c->answer_locked(pd->id, pd->op, st);
+  c->free_.push_back(pd);
+  if (!on_io_thread) c->publish_locked();
+  // Last: once busy_ is 0 the destructor may run (it takes ring_mu_ first).
   if (--c->busy_ == 0) c->idle_cv_.notify_all();
 }
 

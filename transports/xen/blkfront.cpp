@@ -59,6 +59,10 @@ struct blkfront {
   std::vector<shadow_entry> shadow;
   uint32_t shadow_free = no_id;
   bool dead = false;
+  // Set while the completer runs completion callbacks: requests they submit
+  // (a queue refilling itself) are produced but pushed, and notified, once at
+  // the end of the batch, as blk-mq's commit_rqs does.
+  bool plugged = false;
 
   int stop_fd = -1;
   std::thread completer;
@@ -216,6 +220,7 @@ struct completed {
 };
 
 void complete_batch(blkfront* f, std::vector<completed>& done) {
+  if (done.empty()) return;
   // Reads are copied out of the slot's pages before the slot is freed for reuse.
   for (auto& c : done)
     if (c.id != no_id && c.status == 0 && c.req->opcode == core::VSTORE_OP_READ)
@@ -228,9 +233,17 @@ void complete_batch(blkfront* f, std::vector<completed>& done) {
       f->shadow[c.id].next_free = f->shadow_free;
       f->shadow_free = c.id;
     }
+    f->plugged = true;
   }
   for (auto& c : done) f->host->complete(f->host->owner, c.req, c.status);
   done.clear();
+  bool notify;
+  {
+    std::lock_guard lk(f->mu);
+    f->plugged = false;
+    notify = !f->dead && f->ring.push_requests();
+  }
+  if (notify) (void)f->evt->notify();
 }
 
 // The back end is gone: every request in flight fails with a path error, so
@@ -247,7 +260,12 @@ void fail_all_locked(blkfront& f, std::vector<completed>& out) {
 void run_completions(blkfront* f) {
   pollfd p[3] = {{f->evt->fd(), POLLIN, 0}, {f->stop_fd, POLLIN, 0}, {f->st->watch_fd(), POLLIN, 0}};
   std::vector<completed> done;
+  done.reserve(f->shadow.size());
+  uint32_t busy_passes = 0;
+  constexpr uint64_t complete_bytes = 256 << 10;
   for (;;) {
+    bool idle = true;
+    uint64_t done_bytes = 0;
     {
       std::lock_guard lk(f->mu);
       bool more = !f->dead;
@@ -264,17 +282,30 @@ void run_completions(blkfront* f) {
           auto id = static_cast<uint32_t>(rsp.id);
           f->shadow[id].op = 0xff;
           done.push_back({f->shadow[id].req, id, status_to_errno(rsp.status)});
+          // Complete big reads in slices: their copies out of the slot pages
+          // would otherwise hold back the refills the back end waits for.
+          if ((done_bytes += f->shadow[id].pages * page_size) >= complete_bytes) break;
         }
         if (t == core::ring_take::broken) {
           spdlog::warn("blkfront: {}: response producer index is impossible; failing the device", f->bdir);
           fail_all_locked(*f, done);
           break;
         }
+        // Re-arm the event index only when there is nothing to complete:
+        // while a batch completes (and refills the ring) the back end keeps
+        // pushing without notifying, and the next pass picks its answers up.
+        if (!done.empty()) {
+          idle = false;
+          break;
+        }
         more = f->ring.final_check_for_responses();
       }
     }
     complete_batch(f, done);
-    if (::poll(p, 3, -1) < 0 && errno != EINTR) return;
+    // A ring that never runs dry still gets the stop and store events looked at now and then.
+    if (!idle && ++busy_passes < 64) continue;
+    busy_passes = 0;
+    if (::poll(p, 3, idle ? -1 : 0) < 0 && errno != EINTR) return;
     if (p[1].revents) return;
     if (auto a = f->evt->ack(); !a) return;
     if (p[2].revents) {
@@ -471,7 +502,7 @@ int xen_submit(void* handle, vstore_req* const* reqs, uint32_t n) {
       f->shadow_free = f->shadow[id].next_free;
       f->ring.produce();
     }
-    notify = f->ring.push_requests();
+    if (!f->plugged) notify = f->ring.push_requests();
   }
   if (notify) (void)f->evt->notify();
   for (auto* r : refused) f->host->complete(f->host->owner, r, -EINVAL);

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <map>
 #include <thread>
 
 #include "storage/vstore.hpp"
@@ -354,6 +355,60 @@ TEST_F(BlkbackHostile, IdReusedWhileInFlightIsRefused) {
     }
   }
   RecordProperty("rounds_with_the_id_in_flight", overlapped);
+}
+
+TEST_F(BlkbackHostile, IdsAreCheckedAcrossAWholeBatch) {
+  // The back end takes every request one push published before it answers
+  // any of them (the memory disk completes inside submit, and 32 x 4 KiB is
+  // one slice), so an id repeated within a push is in flight when its copy
+  // arrives. Random 64-bit ids fill the in-flight id table with collisions
+  // and removals, round after round.
+  raw_front f(*hv1_, 0);
+  ASSERT_NO_FATAL_FAILURE(f.connect(true));
+  ASSERT_EQ(f.ring_.size(), 32u);
+  uint64_t seed = 0x9e3779b97f4a7c15ull, expected_errors = 0;
+  auto next = [&] {
+    seed ^= seed << 13;
+    seed ^= seed >> 7;
+    seed ^= seed << 17;
+    return seed;
+  };
+  for (int round = 0; round < 200; ++round) {
+    std::vector<uint64_t> ids;
+    for (uint32_t k = 0; k < 32; ++k) {
+      uint64_t id = (k > 0 && next() % 4 == 0) ? ids[next() % ids.size()] : next();
+      ids.push_back(id);
+      auto r = rw(BLKIF_OP_READ, id, next() % (disk_sectors / 8) * 8);
+      r.nr_segments = 1;
+      r.seg[0] = f.seg(f.data_->ref(k % 16));
+      std::memcpy(f.ring_.next_request(), &r, sizeof r);
+      f.ring_.produce();
+    }
+    if (f.ring_.push_requests()) {
+      ASSERT_TRUE(f.evt_->notify());
+    }
+    std::map<uint64_t, std::pair<int, int>> got;  // id -> (okay, error)
+    for (uint32_t k = 0; k < 32; ++k) {
+      auto rsp = f.wait_response();
+      ASSERT_NE(rsp.status, 99) << "round " << round << ": no answer";
+      EXPECT_EQ(rsp.operation, BLKIF_OP_READ);
+      (rsp.status == BLKIF_RSP_OKAY ? got[rsp.id].first : got[rsp.id].second)++;
+    }
+    std::map<uint64_t, int> sent;
+    for (uint64_t id : ids) ++sent[id];
+    ASSERT_EQ(got.size(), sent.size()) << "round " << round;
+    for (auto& [id, n] : sent) {
+      EXPECT_EQ(got[id].first, 1) << "round " << round << " id " << id;
+      EXPECT_EQ(got[id].second, n - 1) << "round " << round << " id " << id;
+      expected_errors += n - 1;
+    }
+  }
+  auto st = back_->device_stats(1, vdev);
+  ASSERT_TRUE(st);
+  EXPECT_EQ(st->requests, 200u * 32);
+  EXPECT_EQ(st->errors, expected_errors);
+  EXPECT_GT(expected_errors, 0u);
+  EXPECT_EQ(disk_sum(), disk_sum_);
 }
 
 TEST_F(BlkbackHostile, ImpossibleRingIndexDisconnectsOnlyThatDevice) {
