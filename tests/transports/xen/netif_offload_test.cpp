@@ -164,8 +164,11 @@ TEST_F(NetifOffload, BlankChecksumIsFilledForAReceiverWithoutChecksumOffload) {
   EXPECT_EQ(done(2).sw_csum, 1u) << "the back end filled it, not the sender";
   // Only the checksum field differs from what was sent.
   ASSERT_EQ(plain[0].bytes.size(), sent.size());
-  for (size_t i = 0; i < sent.size(); ++i)
-    if (i != 50 && i != 51) ASSERT_EQ(plain[0].bytes[i], sent[i]) << "byte " << i;
+  for (size_t i = 0; i < sent.size(); ++i) {
+    if (i != 50 && i != 51) {
+      ASSERT_EQ(plain[0].bytes[i], sent[i]) << "byte " << i;
+    }
+  }
 
   // The same frame reached the receiver that takes partial checksums as it was sent.
   auto offl = test::receive_frames(*offl_, 1, 5s, is_tcp4);
