@@ -3,18 +3,16 @@
 // thread per back end, driven by watches.
 #include "transports/xen/blkback.hpp"
 
-#include <poll.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <spdlog/spdlog.h>
 
 #include <map>
 #include <mutex>
-#include <thread>
 
 #include "transports/xen/blkback_conn.hpp"
 #include "transports/xen/blkif.hpp"
+#include "transports/xen/xenbus.hpp"
 
 namespace uvd::xen {
 
@@ -38,28 +36,20 @@ class blkback_impl final : public blkback {
     if (opts_.max_indirect_segments > blk_max_indirect_segments) opts_.max_indirect_segments = blk_max_indirect_segments;
   }
   ~blkback_impl() override {
-    uint64_t one = 1;
-    if (stop_fd_ >= 0) (void)::write(stop_fd_, &one, sizeof one);
-    if (thread_.joinable()) thread_.join();
+    loop_.stop();
     std::lock_guard lk(mu_);
     for (auto& [k, d] : devs_) {
       d.conn.reset();
       // Tell the front ends, so they fail their requests instead of waiting.
       if (st_) (void)write_state(*st_, d.bdir, XenbusStateClosed);
     }
-    if (stop_fd_ >= 0) ::close(stop_fd_);
-    if (kick_fd_ >= 0) ::close(kick_fd_);
   }
 
   core::result<void> init() {
     auto s = hv_->open_store();
     if (!s) return core::fail(std::move(s).err());
     st_ = std::move(*s);
-    stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    kick_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (stop_fd_ < 0 || kick_fd_ < 0) return core::fail(errno, "eventfd");
-    thread_ = std::thread([this] { run(); });
-    return core::ok();
+    return loop_.start(*st_, [this] { pass(); });
   }
 
   domid_t domid() const override { return hv_->self_domid(); }
@@ -162,35 +152,17 @@ class blkback_impl final : public blkback {
   }
 
  private:
-  void kick() {
-    uint64_t one = 1;
-    (void)::write(kick_fd_, &one, sizeof one);
-  }
+  void kick() { loop_.kick(); }
 
-  void run() {
-    for (;;) {
-      {
-        std::lock_guard lk(mu_);
-        for (auto& [k, d] : devs_) {
-          if (!d.watched) {
-            if (auto w = st_->watch(d.fdir + "/state", d.fdir); !w && w.err().errnum() != EEXIST)
-              spdlog::warn("blkback: watch {}: {}", d.fdir, w.err().what());
-            d.watched = true;
-          }
-          evaluate(d);
-        }
+  void pass() {
+    std::lock_guard lk(mu_);
+    for (auto& [k, d] : devs_) {
+      if (!d.watched) {
+        if (auto w = st_->watch(d.fdir + "/state", d.fdir); !w && w.err().errnum() != EEXIST)
+          spdlog::warn("blkback: watch {}: {}", d.fdir, w.err().what());
+        d.watched = true;
       }
-      pollfd p[3] = {{stop_fd_, POLLIN, 0}, {st_->watch_fd(), POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-      // Poll with a timeout: a broken ring is noticed even if the store stays quiet.
-      int n = ::poll(p, 3, 200);
-      if (n < 0 && errno != EINTR) return;
-      if (p[0].revents) return;
-      uint64_t v;
-      (void)::read(kick_fd_, &v, sizeof v);
-      for (;;) {
-        auto ev = st_->read_watch();
-        if (!ev || !*ev) break;
-      }
+      evaluate(d);
     }
   }
 
@@ -285,9 +257,7 @@ class blkback_impl final : public blkback {
   std::unique_ptr<store> st_;  // control thread only
   std::mutex mu_;
   std::map<std::pair<domid_t, uint32_t>, device> devs_;
-  int stop_fd_ = -1;
-  int kick_fd_ = -1;
-  std::thread thread_;
+  backend_loop loop_;  // last: its thread ends before the members it uses go
 };
 
 }  // namespace

@@ -4,7 +4,6 @@
 // are handed to the switch as ports.
 #include "transports/xen/vif_back.hpp"
 
-#include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -12,9 +11,9 @@
 
 #include <map>
 #include <mutex>
-#include <thread>
 
 #include "transports/xen/netif.hpp"
+#include "transports/xen/xenbus.hpp"
 #include "transports/xen/vif_port.hpp"
 
 namespace uvd::xen {
@@ -37,28 +36,22 @@ class vif_backend_impl final : public vif_backend {
  public:
   explicit vif_backend_impl(std::shared_ptr<hypervisor> hv) : hv_(std::move(hv)) {}
   ~vif_backend_impl() override {
-    uint64_t one = 1;
-    if (stop_fd_ >= 0) (void)::write(stop_fd_, &one, sizeof one);
-    if (thread_.joinable()) thread_.join();
+    loop_.stop();
     std::lock_guard lk(mu_);
     for (auto& [k, v] : vifs_) {
       if (v.shared) v.shared->dead = true;
       if (st_) (void)write_state(*st_, v.bdir, XenbusStateClosed);
     }
-    for (int fd : {stop_fd_, kick_fd_, ready_fd_})
-      if (fd >= 0) ::close(fd);
+    if (ready_fd_ >= 0) ::close(ready_fd_);
   }
 
   core::result<void> init() {
     auto s = hv_->open_store();
     if (!s) return core::fail(std::move(s).err());
     st_ = std::move(*s);
-    stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    kick_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     ready_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (stop_fd_ < 0 || kick_fd_ < 0 || ready_fd_ < 0) return core::fail(errno, "eventfd");
-    thread_ = std::thread([this] { run(); });
-    return core::ok();
+    if (ready_fd_ < 0) return core::fail(errno, "eventfd");
+    return loop_.start(*st_, [this] { pass(); });
   }
 
   domid_t domid() const override { return hv_->self_domid(); }
@@ -176,35 +169,18 @@ class vif_backend_impl final : public vif_backend {
   }
 
  private:
-  void kick() {
-    uint64_t one = 1;
-    (void)::write(kick_fd_, &one, sizeof one);
-  }
+  void kick() { loop_.kick(); }
 
-  void run() {
-    for (;;) {
-      {
-        std::lock_guard lk(mu_);
-        for (auto& [k, v] : vifs_) {
-          if (!v.watched) {
-            // The state, and the MAC a front end may declare, live under its directory.
-            if (auto w = st_->watch(v.fdir, v.fdir); !w && w.err().errnum() != EEXIST)
-              spdlog::warn("netback: watch {}: {}", v.fdir, w.err().what());
-            v.watched = true;
-          }
-          evaluate(v);
-        }
+  void pass() {
+    std::lock_guard lk(mu_);
+    for (auto& [k, v] : vifs_) {
+      if (!v.watched) {
+        // The state, and the MAC a front end may declare, live under its directory.
+        if (auto w = st_->watch(v.fdir, v.fdir); !w && w.err().errnum() != EEXIST)
+          spdlog::warn("netback: watch {}: {}", v.fdir, w.err().what());
+        v.watched = true;
       }
-      pollfd p[3] = {{stop_fd_, POLLIN, 0}, {st_->watch_fd(), POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-      int n = ::poll(p, 3, 200);  // also notices a port the switch found broken
-      if (n < 0 && errno != EINTR) return;
-      if (p[0].revents) return;
-      uint64_t v;
-      (void)::read(kick_fd_, &v, sizeof v);
-      for (;;) {
-        auto ev = st_->read_watch();
-        if (!ev || !*ev) break;
-      }
+      evaluate(v);
     }
   }
 
@@ -337,8 +313,8 @@ class vif_backend_impl final : public vif_backend {
   std::mutex mu_;              // vifs_, ready_
   std::map<std::pair<domid_t, uint32_t>, vif> vifs_;
   std::vector<std::unique_ptr<vif_port>> ready_;
-  int stop_fd_ = -1, kick_fd_ = -1, ready_fd_ = -1;
-  std::thread thread_;
+  int ready_fd_ = -1;
+  backend_loop loop_;  // last: its thread ends before the members it uses go
 };
 
 }  // namespace

@@ -2,6 +2,8 @@
 #include "transports/xen/xenbus.hpp"
 
 #include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,6 +57,45 @@ core::result<void> wait_value(store& s, const std::string& path, const std::stri
     auto more = sleep_on_watch(s, deadline);
     if (!more) return core::fail(std::move(more).err());
     if (!*more) return core::fail(ETIMEDOUT, path + " did not become " + value);
+  }
+}
+
+backend_loop::~backend_loop() {
+  stop();
+  for (int fd : {stop_fd_, kick_fd_})
+    if (fd >= 0) ::close(fd);
+}
+
+core::result<void> backend_loop::start(store& s, std::function<void()> pass) {
+  stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  kick_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (stop_fd_ < 0 || kick_fd_ < 0) return core::fail(errno, "eventfd");
+  pass_ = std::move(pass);
+  thread_ = std::thread([this, &s] { run(s); });
+  return core::ok();
+}
+
+void backend_loop::kick() {
+  uint64_t one = 1;
+  if (kick_fd_ >= 0) (void)::write(kick_fd_, &one, sizeof one);
+}
+
+void backend_loop::stop() {
+  uint64_t one = 1;
+  if (stop_fd_ >= 0) (void)::write(stop_fd_, &one, sizeof one);
+  if (thread_.joinable()) thread_.join();
+}
+
+void backend_loop::run(store& s) {
+  for (;;) {
+    pass_();
+    pollfd p[3] = {{stop_fd_, POLLIN, 0}, {s.watch_fd(), POLLIN, 0}, {kick_fd_, POLLIN, 0}};
+    int n = ::poll(p, 3, 200);
+    if (n < 0 && errno != EINTR) return;
+    if (p[0].revents) return;
+    uint64_t v;
+    (void)::read(kick_fd_, &v, sizeof v);
+    (void)drain_watches(s);
   }
 }
 
