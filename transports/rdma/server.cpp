@@ -61,7 +61,7 @@ core::result<std::shared_ptr<conn>> server::impl::make_conn(const cm_event& ev, 
   c->qd = qd;
   c->nrecv = 2 * qd;
   rdma_cm_id* id = ev.id;  // owned by c only once everything is built
-  auto r = build_conn(c, id, qd);
+  auto r = build_conn(c, id);
   if (!r) {
     // The QP holds the CQ and PD: it goes first, then c frees the rest.
     if (id->qp) rdma_destroy_qp(id);
@@ -71,7 +71,7 @@ core::result<std::shared_ptr<conn>> server::impl::make_conn(const cm_event& ev, 
   return c;
 }
 
-core::result<void> server::impl::build_conn(const std::shared_ptr<conn>& c, rdma_cm_id* id, uint32_t qd) {
+core::result<void> server::impl::build_conn(const std::shared_ptr<conn>& c, rdma_cm_id* id) {
   ibv_pd* pd = ibv_alloc_pd(id->verbs);
   if (!pd) return core::fail(errno ? errno : ENOMEM, "ibv_alloc_pd");
   c->pd.reset(pd);

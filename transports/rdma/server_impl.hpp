@@ -119,7 +119,7 @@ struct server::impl {
   void cm_loop();
   void on_connect_request(const cm_event& ev);
   core::result<std::shared_ptr<conn>> make_conn(const cm_event& ev, uint32_t qd);
-  core::result<void> build_conn(const std::shared_ptr<conn>& c, rdma_cm_id* id, uint32_t qd);
+  core::result<void> build_conn(const std::shared_ptr<conn>& c, rdma_cm_id* id);
   void svc_loop();
   bool service(conn& c);
   void on_recv(conn& c, uint32_t slot, uint32_t len);
