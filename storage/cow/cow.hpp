@@ -20,8 +20,30 @@
 //              (it must still match the recorded size and fingerprint;
 //              the URI cannot carry options of its own, as '&' splits)
 //   ro=1, direct=1   as for any device; passed down to base and overlay
+//   fence=1    open the overlay store with its transport's fence=1 (the file
+//              transport: requests under passes of "<overlay>.fence") and
+//              offer vstore_ops::fence; the open fails if the store cannot
+//              fence. "cow:///dir/c.cow?fence=1" and
+//              "cow:file:///dir/c.cow?fence=1" are the same device (the '?'
+//              ends the store URI, so the option is the cow layer's).
 // The open needs the registry (vstore_open_params::registry) to open the base
 // (read-only) and the overlay store.
+//
+// Fencing (storage/cow/README.md). A COW device caches the overlay's header
+// and bitmap, so two processes exporting one overlay (two `uvd serve` behind
+// a client's multipath) must hand it over: the device's fence(e) advances the
+// overlay store's epoch, lets its own requests end, re-reads and validates the
+// header and bitmap, and only then serves requests again (it queues them in
+// the meantime; submit never blocks). Requests carry their epoch to every
+// overlay step (data, flush, bitmap), so once fence(e) returned no write of
+// an older epoch, a late bitmap update included, changes the overlay, and
+// the device sees every block the other one allocated. Only one device may
+// write an overlay at a time: over multipath use policy=failover with
+// fence=required (multipath fences on every change of the active path,
+// failback included; round-robin would have two devices rewrite the same
+// bitmap pages). Without fence=1, fence is ENOTSUP.
+// open_cow() over an overlay store that fences (opened with the file
+// transport's fence=1) gives a device that fences the same way.
 #include <cstdint>
 #include <functional>
 #include <memory>

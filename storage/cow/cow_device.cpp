@@ -154,13 +154,13 @@ core::result<std::unique_ptr<cow_device>> cow_device::make(std::shared_ptr<Vstor
   const size_t words = (d->blocks_ + 63) / 64;
   d->visible_.reset(new std::atomic<uint64_t>[words]);
   d->claimed_.assign(words, 0);
-  for (size_t w = 0; w < words; ++w) {
-    uint64_t v = 0;
-    for (uint64_t b = w * 64; b < std::min<uint64_t>(d->blocks_, w * 64 + 64); ++b)
-      if (cow_bit(bitmap, b)) v |= uint64_t{1} << (b & 63);
-    d->visible_[w].store(v, std::memory_order_relaxed);
-  }
+  d->load_visible(bitmap);
   d->page_dirty_.assign(d->hdr_.bitmap_length / cow_bitmap_page, 0);
+  // A store that has the op may still not fence (file:// without fence=1).
+  if (overlay->can_fence()) {
+    auto q = overlay->fence(0);
+    d->overlay_fences_ = q || q.err().errnum() != ENOTSUP;
+  }
 
   core::vstore_info& in = d->info_;
   in.size = d->size_;
@@ -177,6 +177,16 @@ core::result<std::unique_ptr<cow_device>> cow_device::make(std::shared_ptr<Vstor
   d->base_ = std::move(base);
   d->overlay_ = std::move(overlay);
   return d;
+}
+
+void cow_device::load_visible(std::span<const std::byte> bitmap) {
+  const size_t words = (blocks_ + 63) / 64;
+  for (size_t w = 0; w < words; ++w) {
+    uint64_t v = 0;
+    for (uint64_t b = w * 64; b < std::min<uint64_t>(blocks_, w * 64 + 64); ++b)
+      if (cow_bit(bitmap, b)) v |= uint64_t{1} << (b & 63);
+    visible_[w].store(v, std::memory_order_relaxed);
+  }
 }
 
 int cow_device::info(core::vstore_info* out) const {
@@ -198,9 +208,51 @@ bool cow_device::covers(uint64_t off, uint64_t end, uint64_t block) const noexce
 // Completing is the last thing done with a request (its ctx is reused at
 // once) and, when no other request is in flight, with the device: the front
 // half may release it as soon as the last completion is in.
-void cow_device::complete(request* r, int status) { host_->complete(host_->owner, r->req, status); }
+// A fence waiting for the device to drain is woken by the last one.
+void cow_device::complete(request* r, int status) {
+  core::vstore_req* req = r->req;
+  if (in_flight_.fetch_sub(1) == 1 && draining_.load()) {
+    std::lock_guard lk(gate_mu_);
+    gate_cv_.notify_all();
+  }
+  host_->complete(host_->owner, req, status);
+}
+
+uint32_t cow_device::newest_epoch(const request* head) noexcept {
+  uint32_t e = 0;
+  for (; head; head = head->next) e = std::max(e, head->req->epoch);
+  return e;
+}
+
+uint64_t cow_device::length(const request* head) noexcept {
+  uint64_t n = 0;
+  for (; head; head = head->next) ++n;
+  return n;
+}
 
 int cow_device::submit(core::vstore_req* const* reqs, uint32_t n) {
+  req_list list;
+  for (uint32_t i = 0; i < n; ++i) {
+    auto* r = new (reqs[i]->ctx) request;  // default-init: the iovec arrays stay unwritten
+    r->dev = this;
+    r->req = reqs[i];
+    list.push(r);
+  }
+  {
+    // Counted under the gate's lock, so a fence that closes the gate next
+    // waits for these.
+    std::lock_guard lk(gate_mu_);
+    if (gated_) {
+      gate_waiting_.append(list);
+      return static_cast<int>(n);
+    }
+    in_flight_.fetch_add(n);
+  }
+  start_list(list.head);
+  return static_cast<int>(n);
+}
+
+void cow_device::start_list(request* head) {
   // The first child read of each request goes to the base or the overlay in
   // one batch per store: one notification for many requests.
   constexpr uint32_t batch_max = 64;
@@ -216,11 +268,20 @@ int cow_device::submit(core::vstore_req* const* reqs, uint32_t n) {
     nb = no = nr = 0;
   };
 
-  for (uint32_t i = 0; i < n; ++i) {
-    core::vstore_req* req = reqs[i];
-    auto* r = new (req->ctx) request;  // default-init: the iovec arrays stay unwritten
-    r->dev = this;
-    r->req = req;
+  const uint32_t fenced = fenced_epoch_.load(std::memory_order_acquire);
+  const int dead = dead_.load(std::memory_order_acquire);
+  for (request* next; head; head = next) {
+    next = head->next;
+    request* r = head;
+    const core::vstore_req* req = r->req;
+    if (dead < 0) {
+      complete(r, dead);
+      continue;
+    }
+    if (req->epoch != 0 && req->epoch < fenced) {  // fenced off: the base would still answer it
+      complete(r, -ESTALE);
+      continue;
+    }
     switch (req->opcode) {
       case core::VSTORE_OP_READ: {
         if (nr == batch_max) send_reads();
@@ -246,7 +307,6 @@ int cow_device::submit(core::vstore_req* const* reqs, uint32_t n) {
     }
   }
   send_reads();
-  return static_cast<int>(n);
 }
 
 // ---- reads -------------------------------------------------------------
@@ -265,6 +325,7 @@ Vstore* cow_device::read_prepare(request* r) {
   c.opcode = core::VSTORE_OP_READ;
   c.offset = in_overlay ? hdr_.data_offset + off : off;
   c.length = len;
+  c.epoch = in_overlay ? req->epoch : 0;
   c.iovcnt = slice_iov(req, r->cursor, len, r->slice);
   c.iov = r->slice;
   c.done = &on_read_done;
@@ -411,6 +472,7 @@ void cow_device::write_data(request* r) {
     c.opcode = core::VSTORE_OP_WRITE;
     c.offset = hdr_.data_offset + (block << shift_);
     c.length = bs_;
+    c.epoch = req->epoch;
     c.iov = &r->bounce_iov[k];
     c.iovcnt = 1;
     c.done = &on_child_done;
@@ -427,6 +489,7 @@ void cow_device::write_data(request* r) {
     c = vstore_io{};
     c.offset = hdr_.data_offset + lo;
     c.length = hi - lo;
+    c.epoch = req->epoch;
     if (r->zeroes) {
       c.opcode = core::VSTORE_OP_WRITE_ZEROES;
       c.flags = req->opcode == core::VSTORE_OP_WRITE_ZEROES ? (req->flags & core::VSTORE_REQ_NO_UNMAP) : 0;
@@ -509,21 +572,24 @@ void cow_device::restart(request* blocked) {
 
 void cow_device::flush_enqueue(req_list list) {
   bool launch = false;
+  uint32_t epoch = 0;
   {
     std::lock_guard lk(mu_);
     flush_waiting_.append(list);
     if (!flush_busy_) {
       flush_busy_ = true;
       flush_inflight_ = flush_waiting_.take();
+      epoch = newest_epoch(flush_inflight_.head);
       launch = true;
     }
   }
-  if (launch) submit_flush();
+  if (launch) submit_flush(epoch);
 }
 
-void cow_device::submit_flush() {
+void cow_device::submit_flush(uint32_t epoch) {
   flush_io_ = vstore_io{};
   flush_io_.opcode = core::VSTORE_OP_FLUSH;
+  flush_io_.epoch = epoch;
   flush_io_.done = &on_flush_done;
   flush_io_.user = this;
   overlay_->submit(&flush_io_);
@@ -533,11 +599,13 @@ void cow_device::on_flush_done(vstore_io* io, int status) {
   auto* d = static_cast<cow_device*>(io->user);
   request* batch;
   bool relaunch = false;
+  uint32_t epoch = 0;
   {
     std::lock_guard lk(d->mu_);
     batch = d->flush_inflight_.take().head;
     if (!d->flush_waiting_.empty()) {
       d->flush_inflight_ = d->flush_waiting_.take();
+      epoch = newest_epoch(d->flush_inflight_.head);
       relaunch = true;
     } else {
       d->flush_busy_ = false;
@@ -545,7 +613,7 @@ void cow_device::on_flush_done(vstore_io* io, int status) {
   }
   // The next flush (for requests that arrived during this one) goes out
   // before this batch completes: its waiters keep the device alive.
-  if (relaunch) d->submit_flush();
+  if (relaunch) d->submit_flush(epoch);
   d->after_sync(batch, status);
 }
 
@@ -568,14 +636,17 @@ void cow_device::after_sync(request* batch, int status) {
     }
     r = next;
   }
+  // A sync the fence refused did not run: the bits may not be durable, but
+  // no write of this epoch can land any more, and the next fence reloads.
+  const int lost = status == -ESTALE ? -ESTALE : -EIO;
   if (!broken.empty()) {
     int expected = 0;
-    broken_.compare_exchange_strong(expected, -EIO, std::memory_order_acq_rel);
+    broken_.compare_exchange_strong(expected, lost, std::memory_order_acq_rel);
   }
   // Whatever stays in flight keeps the device alive for the calls after it,
   // so the lists that end requests go last and the bitmap first.
   if (!to_bitmap.empty()) bitmap_enqueue(to_bitmap);
-  if (!broken.empty()) finish_writes(broken, -EIO);
+  if (!broken.empty()) finish_writes(broken, lost);
   if (!failed.empty()) finish_writes(failed, status);
   if (!done.empty()) finish_writes(done, 0);
 }
@@ -656,6 +727,8 @@ uint32_t cow_device::bitmap_launch_locked() {
   }
   std::fill(page_dirty_.begin() + static_cast<std::ptrdiff_t>(pmin),
             page_dirty_.begin() + static_cast<std::ptrdiff_t>(pmax) + 1, 0);
+  const uint32_t epoch = newest_epoch(bm_inflight_.head);
+  for (uint32_t i = 0; i < n; ++i) bm_io_[i].epoch = epoch;
   bm_status_.store(0, std::memory_order_relaxed);
   bm_outstanding_.store(n, std::memory_order_release);
   return n;
@@ -679,9 +752,10 @@ void cow_device::on_bitmap_done(vstore_io* io, int status) {
     batch = d->bm_inflight_.take();
     if (st < 0) {
       // Some of these bits may be on media, some not: no write is trusted
-      // with the bitmap again until the overlay is reopened.
+      // with the bitmap again until the overlay is reopened or fenced (a
+      // write the fence refused did not run, which multipath retries).
       int expected = 0;
-      d->broken_.compare_exchange_strong(expected, -EIO, std::memory_order_acq_rel);
+      d->broken_.compare_exchange_strong(expected, st == -ESTALE ? -ESTALE : -EIO, std::memory_order_acq_rel);
       dead = d->bm_waiting_.take();
       d->bm_busy_ = false;
     } else if (!d->bm_waiting_.empty()) {
@@ -693,7 +767,7 @@ void cow_device::on_bitmap_done(vstore_io* io, int status) {
   if (n) d->submit_bitmap(n);
   if (st < 0) {
     batch.append(dead);
-    return d->finish_writes(batch, -EIO);
+    return d->finish_writes(batch, st == -ESTALE ? -ESTALE : -EIO);
   }
   for (request* r = batch.head; r; r = r->next) r->stage = stage_bitmap_sync;
   d->flush_enqueue(batch);

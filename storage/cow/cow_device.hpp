@@ -23,12 +23,29 @@
 //   FLUSH  waits for one overlay flush (every acknowledged write already is durable).
 //
 // A failed bitmap write or bitmap sync leaves the media state unknown, so the
-// device refuses further writes (EIO) until it is reopened; reads go on.
+// device refuses further writes (EIO) until it is reopened or fenced; reads go on.
+//
+// Fencing (cow_fence.cpp). Every child io on the overlay carries the epoch of
+// the request it serves (vstore_req::epoch); flushes and bitmap writes, which
+// serve a batch, carry the batch's newest. A fenced overlay store (the file
+// transport with fence=1) therefore refuses every step of a request of an
+// older epoch, a late bitmap update included. Base reads carry none: the base
+// is read-only and shared. fence(e) closes a gate (new requests wait in it,
+// submit() never blocks), advances the overlay store's epoch, waits for the
+// device's own requests to end (their next overlay step is refused at once),
+// re-reads and validates the header and bitmap, and reopens the gate: the
+// metadata another process (or device) wrote under the older epoch is now the
+// device's. A request carrying a nonzero epoch older than the last fence is
+// refused here (ESTALE) before it reaches a store. A bitmap write or sync
+// refused with ESTALE did not run: the device refuses writes (ESTALE) until
+// the next fence reloads the bitmap.
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <vector>
 
 #include "core/result.hpp"
@@ -54,6 +71,10 @@ class cow_device {
   int info(core::vstore_info* out) const;
   static size_t ctx_size();
   int submit(core::vstore_req* const* reqs, uint32_t n);
+  // vstore_ops::fence: epoch 0 queries the overlay store's epoch; otherwise
+  // advances it and reloads the metadata. ENOTSUP when the overlay store
+  // cannot fence. Thread-safe; blocks the caller only.
+  int fence(uint32_t epoch);
 
  private:
   struct request;
@@ -79,6 +100,17 @@ class cow_device {
   bool claimed(uint64_t block) const noexcept;
   bool covers(uint64_t off, uint64_t end, uint64_t block) const noexcept;
   void complete(request* r, int status);
+  void start_list(request* head);
+  static uint32_t newest_epoch(const request* head) noexcept;
+  static uint64_t length(const request* head) noexcept;
+
+  // Fencing (cow_fence.cpp).
+  void gate_close();
+  bool gate_drain();
+  void gate_open();
+  int reload(uint32_t epoch);
+  core::result<void> read_overlay(uint64_t offset, std::byte* buf, uint64_t length, uint32_t epoch);
+  void load_visible(std::span<const std::byte> bitmap);
 
   // Reads.
   Vstore* read_prepare(request* r);
@@ -99,7 +131,7 @@ class cow_device {
 
   // Group commit of overlay flushes.
   void flush_enqueue(req_list list);
-  void submit_flush();
+  void submit_flush(uint32_t epoch);
   static void on_flush_done(vstore_io* io, int status);
   void after_sync(request* batch, int status);
 
@@ -122,7 +154,20 @@ class cow_device {
   // Bits readers see: set once a block's data and bit are durable. Written
   // under mu_, read without it.
   std::unique_ptr<std::atomic<uint64_t>[]> visible_;
-  std::atomic<int> broken_{0};
+  std::atomic<int> broken_{0};    // writes fail with it (bitmap state unknown: -EIO, refused: -ESTALE)
+  std::atomic<int> dead_{0};      // every request fails with it (metadata could not be reloaded)
+
+  // Fencing: requests admitted past the gate and not yet completed, and the
+  // requests that arrived while a fence held the gate closed.
+  bool overlay_fences_ = false;
+  std::mutex fence_mu_;           // one fence at a time
+  std::mutex gate_mu_;
+  std::condition_variable gate_cv_;
+  bool gated_ = false;
+  std::atomic<bool> draining_{false};
+  std::atomic<uint64_t> in_flight_{0};
+  std::atomic<uint32_t> fenced_epoch_{0};
+  req_list gate_waiting_;
 
   std::mutex mu_;
   std::vector<uint64_t> claimed_;   // blocks being allocated by an in-flight write

@@ -32,8 +32,13 @@ core::result<void> check_options(std::string_view options) {
     options = amp == std::string_view::npos ? std::string_view{} : options.substr(amp + 1);
     std::string_view key = kv.substr(0, kv.find('='));
     if (key.empty()) continue;
+    if (key == "fence") {
+      std::string_view val = kv.size() > key.size() ? kv.substr(key.size() + 1) : std::string_view{};
+      if (val != "0" && val != "1") return core::fail(EINVAL, "cow option fence takes 0 or 1, not '" + std::string(val) + "'");
+      continue;
+    }
     if (key != "base" && key != "ro" && key != "direct")
-      return core::fail(EINVAL, "unknown cow option '" + std::string(key) + "' (known: base, ro, direct)");
+      return core::fail(EINVAL, "unknown cow option '" + std::string(key) + "' (known: base, ro, direct, fence)");
   }
   return core::ok();
 }
@@ -68,8 +73,19 @@ int cow_open(const core::vstore_open_params* p, void** handle) {
   oo.read_only = ro;
   oo.direct = direct;
   oo.queue_depth = 128;  // data, bounce blocks, bitmap pages and flushes of 64 requests
+  std::string fence;
+  const bool fenced = core::find_option(p->options, "fence", &fence) && fence == "1";
+  if (fenced) oo.options = "fence=1";  // the overlay store's own option (the file transport's)
   auto overlay = Vstore::open(*reg, cow_overlay_store_uri(p->target), oo);
   if (!overlay) return fail_open(p, core::make_error(overlay.err().errnum(), "overlay: " + overlay.err().message));
+  if (fenced) {
+    auto q = (*overlay)->fence(0);
+    if (!q) {
+      set_err(p, "fence=1, but the overlay store " + (*overlay)->transport_name() + ":" + (*overlay)->target() +
+                     " cannot fence: " + q.err().message);
+      return q.err().errnum() == ENOTSUP ? -ENOTSUP : -q.err().errnum();
+    }
+  }
 
   std::string base_uri;
   if (!core::find_option(p->options, "base", &base_uri)) {
@@ -95,6 +111,8 @@ void cow_release(void* handle) { delete static_cast<cow_device*>(handle); }
 int cow_info(void* handle, core::vstore_info* out) { return static_cast<cow_device*>(handle)->info(out); }
 
 size_t cow_ctx_size(void*) { return cow_device::ctx_size(); }
+
+int cow_fence(void* handle, uint32_t epoch) { return static_cast<cow_device*>(handle)->fence(epoch); }
 
 int cow_submit(void* handle, core::vstore_req* const* reqs, uint32_t n) {
   return static_cast<cow_device*>(handle)->submit(reqs, n);
@@ -132,6 +150,7 @@ constexpr core::vstore_ops cow_stack_ops{
     .submit = cow_submit,
     .probe = nullptr,
     .poll = nullptr,
+    .fence = cow_fence,
 };
 
 }  // namespace
@@ -140,7 +159,7 @@ const core::vstore_ops cow_vstore_ops{
     .abi_version = core::VSTORE_ABI_VERSION,
     .struct_size = sizeof(core::vstore_ops),
     .name = "cow",
-    .description = "copy-on-write overlay over a shared read-only base: cow:///overlay.cow[?base=URI]",
+    .description = "copy-on-write overlay over a shared read-only base: cow:///overlay.cow[?base=URI&fence=1]",
     .open = cow_open,
     .release = cow_release,
     .info = cow_info,
@@ -148,6 +167,7 @@ const core::vstore_ops cow_vstore_ops{
     .submit = cow_submit,
     .probe = nullptr,
     .poll = nullptr,
+    .fence = cow_fence,
 };
 
 core::result<std::unique_ptr<Vstore>> open_cow(std::shared_ptr<Vstore> base, std::unique_ptr<Vstore> overlay,

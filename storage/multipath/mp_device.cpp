@@ -319,7 +319,12 @@ void mp_device::recompute_states_locked() {
     if (preferred == n) preferred = i;
     if (active == n && paths_[i]->state == path_state::active) active = i;
   }
+  const size_t was_active = active;
   if (mo_.failback || active == n) active = preferred;
+  // Moving I/O to another back end (failback included) raises the epoch
+  // first: a back end that caches state of the export (a COW device's bitmap)
+  // reloads it under the fence, and the old path's late requests are refused.
+  if (fencing_ && active != was_active && was_active != n) need_fence_ = true;
   for (size_t i = 0; i < n; ++i)
     if (paths_[i]->state != path_state::failed) paths_[i]->state = i == active ? path_state::active : path_state::standby;
 }

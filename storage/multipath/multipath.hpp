@@ -59,7 +59,9 @@
 // request of a failed path is reissued, the device raises the epoch through a
 // surviving path (vstore_ops::fence), which returns only when the back ends
 // refuse the old epoch and run none of its requests any more; so a late write
-// through the old path can never overwrite a newer one. One device owns an
+// through the old path can never overwrite a newer one. A failback raises it
+// too, through the returning path: a back end that caches state of the export
+// (a COW device's bitmap) reloads it under the fence. One device owns an
 // export at a time: opening a second one fences the first out (its requests
 // then fail, like a preempted SCSI reservation). Without fencing (fence=off,
 // or a path that cannot fence): requests that failed with an error are

@@ -154,6 +154,15 @@ std::vector<conformance_target> conformance_targets() {
          return storage::multipath_uri({"memory:64M?async=1&depth=8&max_transfer=64K&max_segments=4"});
        }},
       {"cow_over_multipath_2x_file", device_size, true, cow_over_multipath_uri},
+      // Two COW devices over one overlay with fence=1 (as two `uvd serve` hold a
+      // client's overlay), failover: every fence reloads the device's metadata.
+      {"multipath_2x_cow_fenced", device_size, true,
+       [](const temp_dir& d, core::registry& r) -> core::result<std::string> {
+         auto cow = cow_uri(d, r);
+         if (!cow) return cow;
+         return storage::multipath_uri({*cow + "?fence=1", *cow + "?fence=1"},
+                                       "policy=failover&check_interval=200ms&fence=required");
+       }},
       // blkfront -> host-local grant ring -> blkback -> file.
       {"xen_local", device_size, true, nullptr, xen_local_uri},
       // blkfront -> real Xen grants/event channel/xenstore -> blkback -> file (nested-Xen dom0 only).
