@@ -83,8 +83,8 @@ traffic_stats traffic_counters::snapshot() const noexcept {
   return s;
 }
 
-connection::connection(const server_shared& shared, int fd, uint64_t id, std::string peer)
-    : shared_(shared), fd_(fd), id_(id), peer_(std::move(peer)) {
+connection::connection(const server_shared& shared, int fd, uint64_t id, std::string peer, size_t preset_export)
+    : shared_(shared), fd_(fd), id_(id), peer_(std::move(peer)), preset_export_(preset_export) {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   slots_ = std::vector<slot>(shared.opts.max_in_flight);
   free_.reserve(slots_.size());
@@ -124,9 +124,21 @@ void connection::run() {
     spdlog::error("nbd: connection {} from {}: eventfd: {}", id_, peer_, std::strerror(errno));
     return;
   }
-  if (do_handshake()) transmission();
+  bool ready = true;
+  if (preset_export_ < shared_.exports.size())
+    enter_transmission(preset_export_);
+  else
+    ready = do_handshake();
+  if (ready) transmission();
   if (fd_ >= 0) ::close(fd_);  // the client learns at once, not when the server reaps this connection
   fd_ = -1;
+  // Nothing is in flight any more: a resolved export (and the resolver's
+  // hold, e.g. an attachment record) goes now too, not at the reaping.
+  if (dyn_) {
+    exp_ = nullptr;
+    disk_ = nullptr;
+    dyn_.reset();
+  }
 }
 
 bool connection::send_all_blocking(std::span<const uint8_t> data, int64_t deadline_ms) {
@@ -148,7 +160,8 @@ bool connection::send_all_blocking(std::span<const uint8_t> data, int64_t deadli
 }
 
 bool connection::do_handshake() {
-  handshake hs(shared_.descs);
+  if (shared_.opts.resolver) dyn_ = std::make_unique<dynamic_exports>(shared_, client_info{peer_, listener_});
+  handshake hs(shared_.descs, {}, dyn_.get());
   std::vector<uint8_t> out;
   hs.greet(out);
   int64_t deadline = now_ms() + shared_.opts.handshake_timeout_ms;
@@ -215,13 +228,17 @@ bool connection::do_handshake() {
     }
   }
 
-  exp_ = shared_.exports[hs.export_index()].get();
+  enter_transmission(hs.export_index());
+  return true;
+}
+
+void connection::enter_transmission(size_t export_index) {
+  exp_ = export_index < shared_.exports.size() ? shared_.exports[export_index].get() : dyn_->chosen();
   disk_ = exp_->cfg.disk.get();
   geo_ = exp_->geometry;
   exp_->connections.fetch_add(1, std::memory_order_relaxed);
   if (!rbuf_) rbuf_ = std::make_unique<uint8_t[]>(rbuf_size);
   spdlog::info("nbd: connection {} from {}: export '{}'", id_, peer_, exp_->cfg.name);
-  return true;
 }
 
 // ---- receive side (connection thread) ----

@@ -44,10 +44,37 @@ struct server_shared {
   std::vector<std::unique_ptr<export_state>> exports;
 };
 
+// Fills an export's geometry and what the handshake tells about it (the
+// server's fixed exports and resolved ones alike).
+core::result<void> describe_export(const export_config& e, const server_options& opts, export_state& st,
+                                   export_desc& desc);
+
+// The exports server_options::resolver opens for one connection, as the
+// handshake looks them up (dynamic.cpp). Holds the one it resolved last.
+class dynamic_exports final : public export_lookup {
+ public:
+  dynamic_exports(const server_shared& shared, client_info who) : shared_(shared), who_(std::move(who)) {}
+  const export_desc* lookup(std::string_view name, uint32_t* error, std::string* message) override;
+  std::vector<export_desc> list() override;
+  // The export the last successful lookup opened.
+  export_state* chosen() noexcept { return state_.get(); }
+
+ private:
+  const server_shared& shared_;
+  client_info who_;
+  std::unique_ptr<export_state> state_;
+  export_desc desc_;
+  std::shared_ptr<void> hold_;
+};
+
 class connection {
  public:
   // Takes ownership of fd (a connected, non-blocking stream socket).
-  connection(const server_shared& shared, int fd, uint64_t id, std::string peer);
+  // preset_export < shared.exports.size(): the peer starts in the transmission
+  // phase on that export, with no handshake (the Linux kernel's nbd driver
+  // after NBD_SET_SOCK); otherwise it negotiates first.
+  static constexpr size_t no_preset = SIZE_MAX;
+  connection(const server_shared& shared, int fd, uint64_t id, std::string peer, size_t preset_export = no_preset);
   ~connection();
   connection(const connection&) = delete;
   connection& operator=(const connection&) = delete;
@@ -58,6 +85,8 @@ class connection {
   // Any thread: finish what is in flight, then close.
   void request_stop() noexcept;
   uint64_t id() const noexcept { return id_; }
+  // The listener this connection came through, for resolvers (before run()).
+  void set_listener(std::string l) { listener_ = std::move(l); }
 
  private:
   struct slot {
@@ -77,6 +106,7 @@ class connection {
   enum class end_kind : uint8_t { none, disc, eof, hard, stop };
 
   bool do_handshake();
+  void enter_transmission(size_t export_index);
   void transmission();
   bool send_all_blocking(std::span<const uint8_t> data, int64_t deadline_ms);
 
@@ -103,8 +133,12 @@ class connection {
   int wake_fd_ = -1;
   uint64_t id_;
   std::string peer_;
+  size_t preset_export_;
   std::atomic<bool> stop_requested_{false};
 
+  std::string listener_;
+  // Declared before exp_ and disk_, so it goes after them: it may hold the disk.
+  std::unique_ptr<dynamic_exports> dyn_;
   export_state* exp_ = nullptr;
   Vstore* disk_ = nullptr;
   export_geometry geo_;

@@ -8,8 +8,8 @@
 
 namespace uvd::storage::nbd {
 
-handshake::handshake(std::span<const export_desc> exports, handshake_limits limits)
-    : exports_(exports), limits_(limits) {
+handshake::handshake(std::span<const export_desc> exports, handshake_limits limits, export_lookup* more)
+    : exports_(exports), limits_(limits), more_(more) {
   buf_.reserve(NBD_OPTION_HEADER_SIZE);
 }
 
@@ -113,7 +113,7 @@ void handshake::on_option_header(std::vector<uint8_t>& out) {
   if (optlen_ == 0) on_option(out);
 }
 
-const export_desc* handshake::find_export(std::string_view name, size_t* index) const {
+const export_desc* handshake::find_export(std::string_view name, size_t* index) {
   for (size_t i = 0; i < exports_.size(); ++i) {
     if (exports_[i].name == name) {
       *index = i;
@@ -123,6 +123,14 @@ const export_desc* handshake::find_export(std::string_view name, size_t* index) 
   if (name.empty() && !exports_.empty()) {
     *index = 0;
     return &exports_[0];
+  }
+  lookup_error_ = NBD_REP_ERR_UNKNOWN;
+  lookup_message_ = fmt::format("no export named '{}'", name.substr(0, 256));
+  if (more_ && !name.empty()) {
+    if (const export_desc* e = more_->lookup(name, &lookup_error_, &lookup_message_)) {
+      *index = exports_.size();
+      return e;
+    }
   }
   return nullptr;
 }
@@ -169,7 +177,7 @@ void handshake::on_option(std::vector<uint8_t>& out) {
       const export_desc* e = data.size() <= NBD_MAX_STRING ? find_export(data, &idx) : nullptr;
       if (!e) {
         // No way to report an error to this option: the session ends.
-        close(fmt::format("NBD_OPT_EXPORT_NAME: no export named '{}'", data.substr(0, 256)));
+        close("NBD_OPT_EXPORT_NAME: " + (data.size() <= NBD_MAX_STRING ? lookup_message_ : "export name too long"));
         return;
       }
       uint8_t r[NBD_EXPORT_NAME_REPLY_SIZE] = {};
@@ -185,12 +193,15 @@ void handshake::on_option(std::vector<uint8_t>& out) {
       reply(out, NBD_REP_ACK);
       close("client sent NBD_OPT_ABORT", true);
       return;
-    case NBD_OPT_LIST:
+    case NBD_OPT_LIST: {
       if (!data.empty()) {
         reply_error(out, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
         break;
       }
-      for (const export_desc& e : exports_) {
+      std::vector<export_desc> more;
+      if (more_) more = more_->list();
+      for (size_t i = 0; i < exports_.size() + more.size(); ++i) {
+        const export_desc& e = i < exports_.size() ? exports_[i] : more[i - exports_.size()];
         std::vector<uint8_t> d(4 + e.name.size() + e.description.size());
         store_be32(d.data(), static_cast<uint32_t>(e.name.size()));
         std::memcpy(d.data() + 4, e.name.data(), e.name.size());
@@ -199,6 +210,7 @@ void handshake::on_option(std::vector<uint8_t>& out) {
       }
       reply(out, NBD_REP_ACK);
       break;
+    }
     case NBD_OPT_STARTTLS:
       if (!data.empty()) reply_error(out, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
       else reply_error(out, NBD_REP_ERR_UNSUP, "TLS is not supported by this server");
@@ -249,7 +261,7 @@ void handshake::on_info_or_go(std::vector<uint8_t>& out) {
   size_t idx = 0;
   const export_desc* e = find_export(name, &idx);
   if (!e) {
-    reply_error(out, NBD_REP_ERR_UNKNOWN, fmt::format("no export named '{}'", name.substr(0, 256)));
+    reply_error(out, lookup_error_, lookup_message_);
     return;
   }
 

@@ -32,13 +32,28 @@ struct handshake_limits {
   uint32_t max_options = 256;              // options per connection before the server gives up
 };
 
+// Exports the handshake does not hold itself, found by name when a client
+// asks for one (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_EXPORT_NAME) and shown by
+// NBD_OPT_LIST after the fixed ones.
+class export_lookup {
+ public:
+  virtual ~export_lookup() = default;
+  // The export called name (valid until the next lookup), or nullptr with
+  // *error an NBD_REP_ERR_* and *message the reason for the client.
+  virtual const export_desc* lookup(std::string_view name, uint32_t* error, std::string* message) = 0;
+  virtual std::vector<export_desc> list() = 0;
+};
+
 class handshake {
  public:
   enum class phase : uint8_t { client_flags, option_header, option_data, option_discard, transmission, closed };
 
   // exports[0] is the default export (the one the empty name selects, unless
   // an export is called ""). The span must outlive the handshake.
-  explicit handshake(std::span<const export_desc> exports, handshake_limits limits = {});
+  // more (may be null, must outlive the handshake) finds exports not in the span;
+  // one it finds has export_index() == exports.size().
+  explicit handshake(std::span<const export_desc> exports, handshake_limits limits = {},
+                     export_lookup* more = nullptr);
 
   // The server's first words: NBDMAGIC, IHAVEOPT, handshake flags.
   void greet(std::vector<uint8_t>& out) const;
@@ -71,13 +86,16 @@ class handshake {
   void on_option(std::vector<uint8_t>& out);
   void on_info_or_go(std::vector<uint8_t>& out);
   void close(std::string reason, bool clean = false);
-  const export_desc* find_export(std::string_view name, size_t* index) const;
+  const export_desc* find_export(std::string_view name, size_t* index);
   void reply(std::vector<uint8_t>& out, uint32_t type, std::span<const uint8_t> data = {}) const;
   void reply_error(std::vector<uint8_t>& out, uint32_t type, std::string_view message) const;
   void reply_info(std::vector<uint8_t>& out, uint16_t info, std::span<const uint8_t> data) const;
 
   std::span<const export_desc> exports_;
   handshake_limits limits_;
+  export_lookup* more_ = nullptr;
+  uint32_t lookup_error_ = 0;    // why the last find_export failed (NBD_REP_ERR_*)
+  std::string lookup_message_;
   phase phase_ = phase::client_flags;
   std::vector<uint8_t> buf_;  // the record being collected
   uint32_t option_ = 0;

@@ -33,8 +33,36 @@ struct export_config {
   bool read_only = false;   // refuse writes even when the disk takes them
 };
 
+// Who is asking for an export: what export_resolver::resolve is told.
+struct client_info {
+  std::string peer;      // the client's address ("unix socket", "10.0.0.2:51234")
+  std::string listener;  // the listener it reached ("unix:/run/uvd.sock", "tcp:0.0.0.0:10809")
+};
+
+// An export a resolver opened for one connection. hold is released when that
+// connection ends (or the client picks another export first).
+struct resolved_export {
+  export_config cfg;
+  std::shared_ptr<void> hold;
+};
+
+// Exports not in server_options::exports, opened by name on demand (e.g.
+// per-client overlays provisioned on first use). Called from connection
+// threads, several at once. Names are the client's: hostile input.
+class export_resolver {
+ public:
+  virtual ~export_resolver() = default;
+  // ENOENT: no such export (NBD_REP_ERR_UNKNOWN); EINVAL or EPERM: a name the
+  // server refuses (NBD_REP_ERR_POLICY); anything else: NBD_REP_ERR_UNKNOWN
+  // with the message. Messages go to the client.
+  virtual core::result<resolved_export> resolve(std::string_view name, const client_info& who) = 0;
+  // Names and descriptions NBD_OPT_LIST shows after the fixed exports.
+  virtual std::vector<std::pair<std::string, std::string>> list() = 0;
+};
+
 struct server_options {
   std::vector<export_config> exports;
+  std::shared_ptr<export_resolver> resolver;  // more exports, looked up by name (may be null)
   std::vector<std::string> unix_paths;  // listen on these unix socket paths
   std::vector<std::string> tcp;         // and on these "HOST:PORT" / "[V6]:PORT" (port 0: any free port)
   uint32_t max_in_flight = 64;          // requests in flight per connection (1..1024)
@@ -64,6 +92,7 @@ class server {
  public:
   // Checks the options and binds every listener (so a port or path in use
   // fails here). Serves nothing until start().
+  // exports may be empty when a resolver is given.
   static core::result<std::unique_ptr<server>> create(server_options opts);
   ~server();  // stop()
   server(const server&) = delete;
@@ -85,6 +114,13 @@ class server {
   // Serves one connected stream socket (a socketpair end, an inherited
   // socket); takes ownership of fd. Works with or without start().
   core::result<void> serve_fd(int fd);
+  // Serves one connected stream socket that is already in the transmission
+  // phase on export export_index: no handshake, as the Linux kernel's nbd
+  // driver speaks after NBD_SET_SOCK. Takes ownership of fd.
+  core::result<void> serve_fd_transmission(int fd, size_t export_index = 0);
+  // The transmission flags this server gives export export_index (what a
+  // client that skips the handshake must be told out of band, NBD_SET_FLAGS).
+  uint16_t transmission_flags(size_t export_index = 0) const;
 
   // One NBD URI per listener for an export (default: the default export), e.g.
   // "nbd+unix:///disk?socket=/run/a.sock", "nbd://127.0.0.1:10809/disk".
@@ -97,6 +133,7 @@ class server {
  private:
   struct impl;
   explicit server(std::unique_ptr<impl> p);
+  core::result<void> serve_connected(int fd, size_t preset_export);
   std::unique_ptr<impl> impl_;
 };
 

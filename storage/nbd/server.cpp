@@ -128,7 +128,13 @@ core::result<listener> listen_tcp(const std::string& spec) {
 }
 
 std::string peer_name(int fd, bool is_unix) {
-  if (is_unix) return "unix socket";
+  if (is_unix) {
+    ucred cred{};
+    socklen_t clen = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0 && cred.pid > 0)
+      return "unix socket, pid " + std::to_string(cred.pid);
+    return "unix socket";
+  }
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
   if (::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return "?";
@@ -230,7 +236,8 @@ struct server::impl {
     for (conn_entry& e : dead) e.thread.join();
   }
 
-  core::result<void> add_connection(int fd, std::string peer) {
+  core::result<void> add_connection(int fd, std::string peer, size_t preset_export = detail::connection::no_preset,
+                                    std::string listener = {}) {
     std::lock_guard lk(mu);
     if (closing) {
       ::close(fd);
@@ -246,7 +253,8 @@ struct server::impl {
     uint64_t id = next_id++;
     spdlog::debug("nbd: connection {} from {}", id, peer);
     conn_entry& e = conns.emplace_back();
-    e.conn = std::make_unique<detail::connection>(shared, fd, id, std::move(peer));
+    e.conn = std::make_unique<detail::connection>(shared, fd, id, std::move(peer), preset_export);
+    e.conn->set_listener(std::move(listener));
     try {
       e.thread = std::thread([&e] {
         pthread_setname_np(pthread_self(), ("uvd-nbd-" + std::to_string(e.conn->id() % 100000)).c_str());
@@ -291,11 +299,43 @@ struct server::impl {
           int bytes = 4 << 20;
           ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
         }
-        (void)add_connection(fd, peer_name(fd, listeners[i].is_unix));
+        const listener& l = listeners[i];
+        (void)add_connection(fd, peer_name(fd, l.is_unix), detail::connection::no_preset,
+                             l.is_unix ? "unix:" + l.path : "tcp:" + l.host + ":" + std::to_string(l.port));
       }
     }
   }
 };
+
+namespace detail {
+
+core::result<void> describe_export(const export_config& e, const server_options& opts, export_state& st,
+                                   export_desc& desc) {
+  const Vstore& d = *e.disk;
+  uint32_t bs = d.block_size();
+  if (bs > opts.max_payload)
+    return core::fail(EINVAL, "export '" + e.name + "': block size " + std::to_string(bs) +
+                                  " exceeds the maximum payload");
+  st.cfg = e;
+  bool ro = e.read_only || d.read_only();
+  export_geometry& g = st.geometry;
+  g.size = d.size();
+  g.min_block = bs;
+  g.max_payload = opts.max_payload - opts.max_payload % bs;
+  g.max_discard = std::max<uint32_t>(g.max_payload, 64u << 20);
+  g.tflags = make_transmission_flags(ro, d.has(core::VSTORE_F_DISCARD), d.has(core::VSTORE_F_ROTATIONAL),
+                                     opts.multi_conn);
+  desc.name = e.name;
+  desc.description = e.description;
+  desc.size = g.size;
+  desc.tflags = g.tflags;
+  desc.min_block = bs;
+  desc.preferred_block = std::max<uint32_t>(4096, bs);
+  desc.max_block = g.max_payload;
+  return core::ok();
+}
+
+}  // namespace detail
 
 server::server(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 
@@ -304,7 +344,7 @@ server::~server() {
 }
 
 core::result<std::unique_ptr<server>> server::create(server_options opts) {
-  if (opts.exports.empty()) return core::fail(EINVAL, "nothing to serve: no exports");
+  if (opts.exports.empty() && !opts.resolver) return core::fail(EINVAL, "nothing to serve: no exports");
   if (opts.max_in_flight < 1 || opts.max_in_flight > 1024)
     return core::fail(EINVAL, "requests in flight per connection must be 1..1024, not " +
                                   std::to_string(opts.max_in_flight));
@@ -321,29 +361,9 @@ core::result<std::unique_ptr<server>> server::create(server_options opts) {
     if (e.description.size() > NBD_MAX_STRING)
       return core::fail(EINVAL, "description of export '" + e.name + "' is longer than 4096 bytes");
     if (!names.insert(e.name).second) return core::fail(EINVAL, "two exports are named '" + e.name + "'");
-    const Vstore& d = *e.disk;
-    uint32_t bs = d.block_size();
-    if (bs > opts.max_payload)
-      return core::fail(EINVAL, "export '" + e.name + "': block size " + std::to_string(bs) +
-                                    " exceeds the maximum payload");
     auto st = std::make_unique<detail::export_state>();
-    st->cfg = e;
-    bool ro = e.read_only || d.read_only();
-    export_geometry& g = st->geometry;
-    g.size = d.size();
-    g.min_block = bs;
-    g.max_payload = opts.max_payload - opts.max_payload % bs;
-    g.max_discard = std::max<uint32_t>(g.max_payload, 64u << 20);
-    g.tflags = make_transmission_flags(ro, d.has(core::VSTORE_F_DISCARD), d.has(core::VSTORE_F_ROTATIONAL),
-                                       opts.multi_conn);
     export_desc desc;
-    desc.name = e.name;
-    desc.description = e.description;
-    desc.size = g.size;
-    desc.tflags = g.tflags;
-    desc.min_block = bs;
-    desc.preferred_block = std::max<uint32_t>(4096, bs);
-    desc.max_block = g.max_payload;
+    if (auto r = detail::describe_export(e, opts, *st, desc); !r) return core::fail(std::move(r).err());
     p->shared.descs.push_back(std::move(desc));
     p->shared.exports.push_back(std::move(st));
   }
@@ -438,7 +458,21 @@ void server::stop() {
   }
 }
 
-core::result<void> server::serve_fd(int fd) {
+core::result<void> server::serve_fd(int fd) { return serve_connected(fd, detail::connection::no_preset); }
+
+core::result<void> server::serve_fd_transmission(int fd, size_t export_index) {
+  if (export_index >= impl_->shared.exports.size()) {
+    ::close(fd);
+    return core::fail(EINVAL, "no export " + std::to_string(export_index));
+  }
+  return serve_connected(fd, export_index);
+}
+
+uint16_t server::transmission_flags(size_t export_index) const {
+  return export_index < impl_->shared.exports.size() ? impl_->shared.exports[export_index]->geometry.tflags : 0;
+}
+
+core::result<void> server::serve_connected(int fd, size_t preset_export) {
   int fl = ::fcntl(fd, F_GETFL);
   if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
     int e = errno;
@@ -454,7 +488,7 @@ core::result<void> server::serve_fd(int fd) {
     }
   }
   impl_->reap();
-  return impl_->add_connection(fd, "fd " + std::to_string(fd));
+  return impl_->add_connection(fd, "fd " + std::to_string(fd), preset_export);
 }
 
 std::vector<std::string> server::uris(std::string_view export_name) const {
