@@ -23,6 +23,8 @@ void add_fence_commands(CLI::App& app, context& ctx);  // uvd fence show|advance
 void add_serve_command(CLI::App& app, context& ctx);   // uvd serve (NBD export)
 void add_net_commands(CLI::App& app, context& ctx);    // uvd switch, switch-stats, veth
 void add_xen_commands(CLI::App& app, context& ctx);    // uvd xen-back (blkif back end)
+void add_attach_commands(CLI::App& app, context& ctx); // uvd attach|detach (the kernel's nbd driver)
+void add_overlay_commands(CLI::App& app, context& ctx);  // uvd overlay list|create|remove
 
 // Opens a device named by URI, or by a bare path with `transport` (default
 // "file"): "disk.img", "file:///disk.img", "memory:64M", "cow:///o.cow".

@@ -63,6 +63,8 @@ int main(int argc, char** argv) {
   uvd::cli::add_serve_command(app, ctx);
   uvd::cli::add_net_commands(app, ctx);
   uvd::cli::add_xen_commands(app, ctx);
+  uvd::cli::add_attach_commands(app, ctx);
+  uvd::cli::add_overlay_commands(app, ctx);
 
   app.parse_complete_callback([&] {
     if (auto r = uvd::core::init_logging(log_level); !r) uvd::cli::die(2, r.err().message);

@@ -19,6 +19,8 @@
 
 #include "core/uri.hpp"
 #include "storage/nbd/nbd.hpp"
+#include "storage/roots/rdma_resolver.hpp"
+#include "storage/roots/roots.hpp"
 #include "storage/vstore.hpp"
 #include "tools/uvd/commands.hpp"
 #include "transports/rdma/rdma.hpp"
@@ -49,6 +51,11 @@ constexpr const char* serve_footer = R"(Exports:
     rdma-segments = 64              # pool segments per RDMA client
     rdma-segment-size = 128K
 
+    overlay-dir = /srv/uvd/overlays # per-client overlays of the roots
+
+    [root debian]                   # repeatable, like --root debian=BASE
+    base = /srv/uvd/debian.img
+
     [export disk0]
     uri = file:///var/lib/images/disk0.img
     read-only = no
@@ -56,6 +63,24 @@ constexpr const char* serve_footer = R"(Exports:
     uuid = 6f1c0d4e-27a3-8b15-9c2e-4d5f60718293   # optional, RDMA
 
   Flags add to what the file says.
+
+Shared roots and per-client overlays (diskless machines):
+  --root NAME=BASE --overlay-dir DIR   BASE is a path or device URI, opened
+                  read-only. Export NAME is BASE itself, read-only. Export
+                  NAME/CLIENT is CLIENT's own copy-on-write overlay over BASE,
+                  DIR/NAME/CLIENT.cow: the first client to open NAME/CLIENT
+                  creates it, later opens (after reboots and server restarts
+                  too) find it again. CLIENT is 1 to 63 of [A-Za-z0-9._-],
+                  starting with a letter or digit; other names are refused.
+                  Several uvd serve processes may share DIR (say, one per
+                  RDMA device for multipath clients): overlays are provisioned
+                  atomically and opened with the shared fencing record
+                  (fence=1), and all connections of one process to one
+                  overlay share one device. While a connection has an
+                  overlay open, DIR/NAME/CLIENT.cow.attached/ holds a record of
+                  it; `uvd overlay list DIR` shows them. NBD_OPT_LIST and the
+                  RDMA LIST show the roots and the overlays that exist.
+  Clients: nbd+unix:///NAME/CLIENT?socket=PATH, rdma://ADDR:PORT/NAME/CLIENT.
 
 Listening: without --unix, --tcp or --rdma (here or in the config), uvd serves
 TCP on 127.0.0.1:10809. Clients: qemu-img info nbd+unix:///NAME?socket=PATH,
@@ -85,8 +110,15 @@ struct export_spec {
   bool read_only = false;
 };
 
+struct root_spec {
+  std::string name;
+  std::string base;  // a URI
+};
+
 struct serve_config {
   std::vector<export_spec> exports;
+  std::vector<root_spec> roots;
+  std::string overlay_dir;
   std::vector<std::string> unix_paths, tcp;
   uint32_t queue_depth = 64;
   uint32_t max_in_flight = 64;
@@ -150,6 +182,7 @@ void read_config(const std::string& path, serve_config& cfg) {
   if (!in) die(2, "cannot read config '" + path + "': " + std::strerror(errno));
   std::string line, section;
   export_spec* cur = nullptr;
+  root_spec* cur_root = nullptr;
   for (int lineno = 1; std::getline(in, line); ++lineno) {
     const std::string where = path + ":" + std::to_string(lineno);
     size_t hash = line.find('#');
@@ -169,8 +202,12 @@ void read_config(const std::string& path, serve_config& cfg) {
         if (e.name.size() >= 2 && e.name.front() == '"' && e.name.back() == '"') e.name = e.name.substr(1, e.name.size() - 2);
         cfg.exports.push_back(std::move(e));
         cur = &cfg.exports.back();
+      } else if (s.rfind("root", 0) == 0 && s.size() > 5 && (s[4] == ' ' || s[4] == '\t')) {
+        section = "root";
+        cfg.roots.push_back({trim(s.substr(4)), {}});
+        cur_root = &cfg.roots.back();
       } else {
-        die(2, where + ": unknown section [" + s + "] (use [server] or [export NAME])");
+        die(2, where + ": unknown section [" + s + "] (use [server], [export NAME] or [root NAME])");
       }
       continue;
     }
@@ -185,6 +222,7 @@ void read_config(const std::string& path, serve_config& cfg) {
       else if (key == "max-connections") cfg.max_connections = parse_count(value, where, 1, 65536);
       else if (key == "busy-poll-us") cfg.busy_poll_us = parse_count(value, where, 0, 1000000);
       else if (key == "rdma") cfg.rdma.push_back(value);
+      else if (key == "overlay-dir") cfg.overlay_dir = value;
       else if (key == "rdma-queue-depth") cfg.rdma_queue_depth = parse_count(value, where, 1, 256);
       else if (key == "rdma-segments") cfg.rdma_segments = parse_count(value, where, 1, 128);
       else if (key == "rdma-segment-size") {
@@ -200,17 +238,59 @@ void read_config(const std::string& path, serve_config& cfg) {
       else if (key == "description") cur->description = value;
       else if (key == "uuid") cur->uuid = value;
       else die(2, where + ": unknown [export] key '" + key + "'");
+    } else if (section == "root") {
+      if (key == "base") cur_root->base = device_uri(value);
+      else die(2, where + ": unknown [root] key '" + key + "' (known: base)");
     } else {
       die(2, where + ": '" + key + "' outside a section");
     }
   }
   for (const export_spec& e : cfg.exports)
     if (e.uri.empty()) die(2, path + ": [export " + e.name + "] has no uri");
+  for (const root_spec& r : cfg.roots)
+    if (r.base.empty()) die(2, path + ": [root " + r.name + "] has no base");
 }
+
+root_spec parse_root_flag(const std::string& text) {
+  size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0 || eq + 1 == text.size())
+    die(2, "root '" + text + "' is not NAME=BASE (e.g. debian=/srv/debian.img)");
+  return {text.substr(0, eq), device_uri(text.substr(eq + 1))};
+}
+
+// NAME/CLIENT exports for the NBD server.
+class nbd_overlays final : public storage::nbd::export_resolver {
+ public:
+  explicit nbd_overlays(storage::overlay_exports& x) : x_(x) {}
+  core::result<storage::nbd::resolved_export> resolve(std::string_view name,
+                                                      const storage::nbd::client_info& who) override {
+    storage::attachment_info a;
+    a.transport = "nbd";
+    a.server = who.listener;
+    a.client = who.peer;
+    auto l = x_.open(name, std::move(a));
+    if (!l) return core::fail(std::move(l).err());
+    storage::nbd::resolved_export r;
+    r.cfg.name = (*l)->name;
+    r.cfg.description = "copy-on-write overlay " + (*l)->name;
+    r.cfg.disk = (*l)->disk;
+    r.hold = std::shared_ptr<storage::overlay_exports::lease>(std::move(*l));
+    return r;
+  }
+  std::vector<std::pair<std::string, std::string>> list() override {
+    std::vector<std::pair<std::string, std::string>> out;
+    for (auto& o : x_.list()) out.emplace_back(o.name, o.description);
+    return out;
+  }
+
+ private:
+  storage::overlay_exports& x_;
+};
 
 
 struct serve_flags {
-  std::vector<std::string> exports, positional;
+  std::vector<std::string> exports, positional, roots;
+  std::string overlay_dir;
   std::vector<std::string> unix_paths, tcp, rdma;
   std::string config;
   uint32_t queue_depth = 0;
@@ -224,7 +304,7 @@ struct serve_flags {
 const rdma::server_api* load_rdma_server(core::registry& reg) {
   using entry_fn = const rdma::server_api* (*)();
   const rdma::server_api* api = reinterpret_cast<entry_fn>(rdma_plugin_entry(reg, UVD_RDMA_SERVER_ENTRY_SYMBOL))();
-  if (!api || api->abi_version != rdma::SERVER_API_VERSION || api->struct_size < sizeof(rdma::server_api))
+  if (!api || api->abi_version != rdma::SERVER_API_VERSION || api->struct_size < rdma::server_api_base_size)
     die(1, "uvd-transport-rdma.so does not carry an rdma server table of this uvd version");
   return api;
 }
@@ -241,10 +321,29 @@ void run_serve(context& ctx, const serve_flags& f) {
   if (f.max_in_flight) cfg.max_in_flight = f.max_in_flight;
   if (f.max_connections) cfg.max_connections = f.max_connections;
   if (f.busy_poll_us >= 0) cfg.busy_poll_us = static_cast<uint32_t>(f.busy_poll_us);
-  if (cfg.exports.empty()) die(2, "nothing to serve: give --export NAME=URI (or NAME=URI arguments, or --config FILE)");
+  for (const std::string& r : f.roots) cfg.roots.push_back(parse_root_flag(r));
+  if (!f.overlay_dir.empty()) cfg.overlay_dir = f.overlay_dir;
+  if (!cfg.roots.empty() && cfg.overlay_dir.empty())
+    die(2, "--root needs --overlay-dir DIR (or overlay-dir = in [server]): the folder that keeps the clients' overlays");
+  if (cfg.roots.empty() && !cfg.overlay_dir.empty())
+    die(2, "--overlay-dir without --root: give the shared base as --root NAME=BASE");
+  for (const root_spec& r : cfg.roots)
+    if (auto ok = storage::check_root_name(r.name); !ok) die(2, "--root " + r.name + ": " + ok.err().message);
+  if (cfg.exports.empty() && cfg.roots.empty())
+    die(2, "nothing to serve: give --export NAME=URI (or NAME=URI arguments, --root NAME=BASE, or --config FILE)");
   if (cfg.unix_paths.empty() && cfg.tcp.empty() && cfg.rdma.empty()) cfg.tcp.push_back("127.0.0.1:10809");
   const bool nbd = !cfg.unix_paths.empty() || !cfg.tcp.empty();
   const rdma::server_api* rdma_api = cfg.rdma.empty() ? nullptr : load_rdma_server(*ctx.reg);
+  // A root is also an export of its base, read-only, under its name.
+  const size_t first_root = cfg.exports.size();
+  for (const root_spec& r : cfg.roots) {
+    export_spec e;
+    e.name = r.name;
+    e.uri = r.base;
+    e.description = "shared root (read-only base)";
+    e.read_only = true;
+    cfg.exports.push_back(std::move(e));
+  }
   for (size_t i = 0; i < cfg.exports.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (cfg.exports[i].name == cfg.exports[j].name) die(2, "two exports are named '" + cfg.exports[i].name + "'");
@@ -271,6 +370,16 @@ void run_serve(context& ctx, const serve_flags& f) {
     if (!v) die(1, "export '" + e.name + "': " + v.err().what());
     opts.exports.push_back({e.name, e.description, std::shared_ptr<storage::Vstore>(std::move(*v)), oo.read_only});
   }
+  std::unique_ptr<storage::overlay_exports> overlays;
+  if (!cfg.roots.empty()) {
+    std::vector<storage::overlay_exports::root> roots;
+    for (size_t i = first_root; i < cfg.exports.size(); ++i)
+      roots.push_back({cfg.exports[i].name, cfg.exports[i].uri, opts.exports[i].disk});
+    auto x = storage::overlay_exports::create(*ctx.reg, cfg.overlay_dir, std::move(roots), cfg.queue_depth);
+    if (!x) die(1, x.err().what());
+    overlays = std::move(*x);
+    opts.resolver = std::make_shared<nbd_overlays>(*overlays);
+  }
   std::unique_ptr<storage::nbd::server> srv;
   if (nbd) {
     auto s = storage::nbd::server::create(opts);
@@ -294,7 +403,14 @@ void run_serve(context& ctx, const serve_flags& f) {
       ro.exports.push_back(std::move(e));
     }
     char err[512] = {};
-    if (int rc = rdma_api->start(&ro, &rdma_srv, err, sizeof err); rc < 0) die(1, err);
+    if (overlays) {
+      if (rdma_api->struct_size < sizeof(rdma::server_api) || !rdma_api->start_resolving)
+        die(1, "uvd-transport-rdma.so is too old to serve --root overlays");
+      rdma::export_resolver res = storage::rdma_overlay_resolver(*overlays);
+      if (int rc = rdma_api->start_resolving(&ro, &res, &rdma_srv, err, sizeof err); rc < 0) die(1, err);
+    } else if (int rc = rdma_api->start(&ro, &rdma_srv, err, sizeof err); rc < 0) {
+      die(1, err);
+    }
     rdma_api->export_ids(rdma_srv, &rdma_ids);
   }
 
@@ -314,6 +430,14 @@ void run_serve(context& ctx, const serve_flags& f) {
     fmt::print("serving export '{}' ({}, {}{}) on {}\n", cfg.exports[i].name, human_size(d.size()), cfg.exports[i].uri,
                d.read_only() || opts.exports[i].read_only ? ", read-only" : "", where);
   }
+  if (overlays)
+    fmt::print("serving per-client overlays NAME/CLIENT of root{} {} in {}\n", cfg.roots.size() > 1 ? "s" : "",
+               [&] {
+                 std::string n;
+                 for (auto& r : cfg.roots) n += (n.empty() ? "" : ", ") + r.name;
+                 return n;
+               }(),
+               overlays->dir());
   std::fflush(stdout);
 
   int sig = 0;
@@ -337,6 +461,8 @@ void run_serve(context& ctx, const serve_flags& f) {
       if (auto r = e.disk->flush(); !r) fmt::print(stderr, "uvd: export '{}': {}\n", e.name, r.err().what());
   }
   opts.exports.clear();
+  opts.resolver.reset();
+  overlays.reset();
   pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
 }
 
@@ -364,6 +490,14 @@ void add_serve_command(CLI::App& app, context& ctx) {
                   "needs the rdma plugin)")
       ->type_name("ADDR:PORT")
       ->allow_extra_args(false);
+  cmd->add_option("--root", f->roots,
+                  "NAME=BASE: serve BASE read-only as export NAME and each client's own copy-on-write overlay of "
+                  "it as NAME/CLIENT, made on first use in --overlay-dir (repeatable)")
+      ->type_name("NAME=BASE")
+      ->allow_extra_args(false);
+  cmd->add_option("--overlay-dir", f->overlay_dir,
+                  "folder of the --root overlays: DIR/NAME/CLIENT.cow (may be shared by several uvd serve)")
+      ->type_name("DIR");
   cmd->add_option("-c,--config", f->config, "read exports and listeners from FILE (format below)")
       ->type_name("FILE");
   cmd->add_flag("-r,--read-only", f->read_only, "export every disk read-only");

@@ -19,6 +19,7 @@
 // client gets its own protection domain, pool and handles. One service thread
 // visits the clients round-robin, taking up to `batch` RPCs from each per
 // round and submitting them as one batch.
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -72,6 +73,31 @@ inline server_export export_of(storage::Vstore& v, std::string name, bool read_o
   return e;
 }
 
+// Exports not in server_options::exports, opened when a client names one in
+// OPEN (per-client overlays provisioned on first use) and shown by LIST. A
+// plain C table, so it crosses the plugin boundary; every op is called on the
+// server's service thread.
+struct resolver_entry {
+  std::string name;
+  uint64_t size = 0;
+  bool read_only = false;
+};
+struct export_resolver {
+  void* ctx = nullptr;
+  // Opens `name` (the client's: hostile) for one connection; listener and
+  // peer are the addresses of both ends ("10.97.1.1:7171"). 0: *out
+  // describes the export and *ref goes back to close() when the connection
+  // ends. -ENOENT: no such export; any other -errno: refused, err says why
+  // (sent to nobody, logged). Several connections opening the same name get
+  // the same disk (the server then shares one export, and its epoch, between
+  // them).
+  int (*open)(void* ctx, const char* name, const char* listener, const char* peer, server_export* out, void** ref,
+              char* err, size_t errlen) = nullptr;
+  void (*close)(void* ctx, void* ref) = nullptr;
+  // What LIST shows after the fixed exports (may be null).
+  void (*list)(void* ctx, std::vector<resolver_entry>* out) = nullptr;
+};
+
 struct server_options {
   std::vector<std::string> listen;     // "ADDR[:PORT]" (default port 7171); the address picks the RDMA device
   std::vector<server_export> exports;
@@ -101,7 +127,8 @@ class server {
  public:
   // Binds and listens on every address (an address no RDMA device owns fails
   // here, naming it). Serves after start().
-  static core::result<std::unique_ptr<server>> create(server_options opts);
+  // exports may be empty when resolver.open is set.
+  static core::result<std::unique_ptr<server>> create(server_options opts, export_resolver resolver = {});
   ~server();  // stop()
   server(const server&) = delete;
   server& operator=(const server&) = delete;
@@ -136,7 +163,12 @@ struct server_api {
   void (*export_ids)(void* srv, std::vector<std::pair<std::string, std::string>>* out);
   uint16_t (*port)(void* srv, size_t i);
   void (*stop_and_free)(void* srv);
+  // Appended (present when struct_size covers it): start() with a resolver.
+  int (*start_resolving)(const server_options* opts, const export_resolver* resolver, void** out, char* err,
+                         size_t errlen);
 };
+// The part of server_api every version has.
+inline constexpr size_t server_api_base_size = offsetof(server_api, start_resolving);
 const server_api* server_entry();
 
 // Raises the export's fencing epoch through an open rdma device handle (the

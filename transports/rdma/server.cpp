@@ -233,6 +233,14 @@ void server::impl::on_recv(conn& c, uint32_t slot, uint32_t len) {
     case OP_LIST: {
       std::vector<list_entry> all;
       for (auto& e : exports) all.push_back({e->ex.name, e->ex.uuid, e->geom.read_only, e->geom.size});
+      if (resolver.list) {
+        std::vector<resolver_entry> more;
+        resolver.list(resolver.ctx, &more);
+        for (auto& m : more) {
+          auto d = dynamic.find(m.name);  // an open one has its UUID already
+          all.push_back({m.name, d != dynamic.end() ? d->second.entry->ex.uuid : std::string(), m.read_only, m.size});
+        }
+      }
       post_reply(c, slot, encode_list_reply(id, all, c.send_buf(slot)));
       return;
     }
@@ -243,9 +251,11 @@ void server::impl::on_recv(conn& c, uint32_t slot, uint32_t len) {
       export_entry* e = find_export(o->name);
       open_reply rep;
       rep.hdr.id = id;
+      int status = -ENOENT;
+      if (!e && resolver.open) e = open_resolved(c, o->name, &status);
       if (!e) {
-        rep.status = -ENOENT;
-        spdlog::info("rdma server: client {} asked for unknown export '{}'", c.serial, o->name);
+        rep.status = status;
+        if (status == -ENOENT) spdlog::info("rdma server: client {} asked for unknown export '{}'", c.serial, o->name);
         post_reply(c, slot, encode_open_reply(rep, c.send_buf(slot)));
         return;
       }
@@ -373,6 +383,7 @@ void server::impl::on_recv(conn& c, uint32_t slot, uint32_t len) {
 
 void server::impl::teardown(conn& c) {
   epoll_ctl(ep, EPOLL_CTL_DEL, c.cc->fd, nullptr);
+  close_resolved(c);
   if (c.gate) c.gate->revoke();
   c.handles.revoke();
   rdma_disconnect(c.id.get());
@@ -452,9 +463,29 @@ void server::impl::svc_loop() {
 server::server(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 server::~server() { stop(); }
 
-core::result<std::unique_ptr<server>> server::create(server_options opts) {
+core::result<std::unique_ptr<export_entry>> server_detail::make_export_entry(server_export e,
+                                                                             const server_options& opts) {
+  if (!e.submit || e.size == 0 || e.block_size == 0 || (e.block_size & (e.block_size - 1)))
+    return core::fail(EINVAL, "rdma server: export '" + e.name + "' is not usable");
+  if (opts.segment_size % e.block_size)
+    return core::fail(EINVAL, "rdma server: segment size is not a multiple of export '" + e.name + "' block size");
+  if (e.uuid.empty()) e.uuid = export_uuid(e.medium_id, e.name);
+  if (!looks_like_uuid(e.uuid)) return core::fail(EINVAL, "rdma server: '" + e.uuid + "' is not a lowercase UUID");
+  auto ent = std::make_unique<export_entry>();
+  ent->ex = std::move(e);
+  // A disk whose table fences only when opened for it (file:// without
+  // fence=1) answers a query ENOTSUP: this server keeps the epoch then.
+  if (ent->ex.fence && ent->ex.fence(ent->ex.disk, 0) == -ENOTSUP) ent->ex.fence = nullptr;
+  ent->geom.size = ent->ex.size;
+  ent->geom.block_size = ent->ex.block_size;
+  ent->geom.read_only = ent->ex.read_only;
+  ent->geom.max_transfer = opts.segment_size * std::min(opts.max_segs_per_rpc, opts.segments);
+  return ent;
+}
+
+core::result<std::unique_ptr<server>> server::create(server_options opts, export_resolver resolver) {
   if (opts.listen.empty()) return core::fail(EINVAL, "rdma server: no listen address");
-  if (opts.exports.empty()) return core::fail(EINVAL, "rdma server: no exports");
+  if (opts.exports.empty() && !resolver.open) return core::fail(EINVAL, "rdma server: no exports");
   if (opts.segments == 0 || opts.segments > max_pool_segments)
     return core::fail(EINVAL, "rdma server: segments must be 1.." + std::to_string(max_pool_segments));
   if (opts.max_segs_per_rpc == 0 || opts.max_segs_per_rpc > max_segs_per_rpc)
@@ -464,27 +495,16 @@ core::result<std::unique_ptr<server>> server::create(server_options opts) {
   if (opts.batch == 0) opts.batch = 1;
   auto p = std::make_unique<impl>();
   for (auto& e : opts.exports) {
-    if (!e.submit || e.size == 0 || e.block_size == 0 || (e.block_size & (e.block_size - 1)))
-      return core::fail(EINVAL, "rdma server: export '" + e.name + "' is not usable");
-    if (opts.segment_size % e.block_size)
-      return core::fail(EINVAL, "rdma server: segment size is not a multiple of export '" + e.name + "' block size");
-    if (e.uuid.empty()) e.uuid = export_uuid(e.medium_id, e.name);
-    if (!looks_like_uuid(e.uuid)) return core::fail(EINVAL, "rdma server: '" + e.uuid + "' is not a lowercase UUID");
+    auto ent = make_export_entry(e, opts);
+    if (!ent) return core::fail(std::move(ent).err());
     for (auto& o : p->exports)
-      if (o->ex.name == e.name || o->ex.uuid == e.uuid)
-        return core::fail(EEXIST, "rdma server: two exports named '" + e.name + "' or with UUID " + e.uuid);
-    auto ent = std::make_unique<export_entry>();
-    ent->ex = e;
-    // A disk whose table fences only when opened for it (file:// without
-    // fence=1) answers a query ENOTSUP: this server keeps the epoch then.
-    if (ent->ex.fence && ent->ex.fence(ent->ex.disk, 0) == -ENOTSUP) ent->ex.fence = nullptr;
-    ent->geom.size = e.size;
-    ent->geom.block_size = e.block_size;
-    ent->geom.read_only = e.read_only;
-    ent->geom.max_transfer = opts.segment_size * std::min(opts.max_segs_per_rpc, opts.segments);
-    p->exports.push_back(std::move(ent));
+      if (o->ex.name == (*ent)->ex.name || o->ex.uuid == (*ent)->ex.uuid)
+        return core::fail(EEXIST, "rdma server: two exports named '" + e.name + "' or with UUID " + (*ent)->ex.uuid);
+    e.uuid = (*ent)->ex.uuid;
+    p->exports.push_back(std::move(*ent));
   }
   p->opts = opts;
+  p->resolver = resolver;
   p->cm_wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   p->svc_wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   p->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -590,13 +610,14 @@ std::vector<std::pair<std::string, std::string>> server::export_ids() const {
 
 namespace {
 
-int api_start(const server_options* opts, void** out, char* err, size_t errlen) {
+int api_start_resolving(const server_options* opts, const export_resolver* resolver, void** out, char* err,
+                        size_t errlen) {
   // Inside the plugin, spdlog is a copy of its own: point it at stderr too.
   if (auto r = core::init_logging(opts->log_level); !r) {
     std::snprintf(err, errlen, "%s", r.err().what().c_str());
     return -EINVAL;
   }
-  auto s = server::create(*opts);
+  auto s = server::create(*opts, resolver ? *resolver : export_resolver{});
   if (!s) {
     std::snprintf(err, errlen, "%s", s.err().what().c_str());
     return -s.err().errnum();
@@ -607,6 +628,9 @@ int api_start(const server_options* opts, void** out, char* err, size_t errlen) 
   }
   *out = s->release();
   return 0;
+}
+int api_start(const server_options* opts, void** out, char* err, size_t errlen) {
+  return api_start_resolving(opts, nullptr, out, err, errlen);
 }
 void api_stats(void* srv, server_stats* out) { *out = static_cast<server*>(srv)->stats(); }
 void api_export_ids(void* srv, std::vector<std::pair<std::string, std::string>>* out) {
@@ -623,6 +647,7 @@ constexpr server_api the_api{
     .export_ids = api_export_ids,
     .port = api_port,
     .stop_and_free = api_stop_and_free,
+    .start_resolving = api_start_resolving,
 };
 
 }  // namespace

@@ -33,6 +33,10 @@ struct export_entry {
 
 struct conn;
 
+// Checks an export against the server's options and derives what it lacks
+// (UUID; whether the disk keeps the epoch itself).
+core::result<std::unique_ptr<export_entry>> make_export_entry(server_export e, const server_options& opts);
+
 // One receive slot's I/O in flight at the export.
 struct io_ctx {
   storage::vstore_io io;
@@ -60,6 +64,7 @@ struct conn {
   // spare half keeps a well-behaved client out of RNR waits.
   uint32_t nrecv = 0;
   handle_table handles;             // until OPEN moves it into the gate
+  void* dyn_ref = nullptr;          // the resolver's hold on a resolved export (exp), closed at teardown
   std::optional<rpc_gate> gate;     // after OPEN
   export_entry* exp = nullptr;
   std::vector<io_ctx> ctx;
@@ -95,6 +100,14 @@ using server_detail::io_ctx;
 struct server::impl {
   server_options opts;
   std::vector<std::unique_ptr<export_entry>> exports;
+  export_resolver resolver;
+  // Resolved exports by name, with the connections that use each (service
+  // thread only): one entry, one epoch record, however many clients.
+  struct resolved {
+    std::unique_ptr<export_entry> entry;
+    uint32_t users = 0;
+  };
+  std::map<std::string, resolved> dynamic;
   cm_channel_ptr ch;
   std::vector<cm_id_ptr> listeners;
   int cm_wake = -1, svc_wake = -1, ep = -1;
@@ -116,6 +129,9 @@ struct server::impl {
 
   ~impl();
   export_entry* find_export(const std::string& name);
+  // A resolver's export for c (its hold kept in c.dyn_ref): nullptr with *status -errno.
+  export_entry* open_resolved(conn& c, const std::string& name, int* status);
+  void close_resolved(conn& c);
   void cm_loop();
   void on_connect_request(const cm_event& ev);
   core::result<std::shared_ptr<conn>> make_conn(const cm_event& ev, uint32_t qd);
