@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import selectors
 import shlex
 import signal
@@ -175,6 +176,9 @@ class GuestSpec:
     # hypervisor that starts the Debian kernel as its first domain (tests/e2e/xen).
     boot: Callable[[Path, Path], list[str]] | None = None
     append: str = ""          # more kernel command line (default boot only)
+    # False: no 9p result share (a diskless machine has no disk of any kind); the script's
+    # exit status comes back from the console ("uvd-guest: exit status N").
+    out_share: bool = True
 
 
 @dataclass
@@ -240,7 +244,7 @@ def _guest_layer(base: guestlib.Base, spec: GuestSpec, index: int, nics: list[tu
         "UVD_GUEST_NICS": " ".join(f"{m}={a}" for m, a in nics),
         "UVD_GUEST_RDMA": "1" if "rdma" in base.features else "0",
         "UVD_GUEST_RDMA_PAIR": "1" if spec.rdma_pair else "0",
-        "UVD_GUEST_OUT_SHARE": "1",
+        "UVD_GUEST_OUT_SHARE": "1" if spec.out_share else "0",
         "UVD_GUEST_SHARES": " ".join(share_tags),
     }
     if spec.rdma_pair:
@@ -263,9 +267,10 @@ def qemu_argv(base: guestlib.Base, spec: GuestSpec, initrd: Path, out_dir: Path,
         "-cpu", "max", "-kernel", str(base.vmlinux or base.kernel), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 loglevel=5 quiet {spec.append}".strip()]
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(spec.memory_mib),
-            "-smp", "1", "-nographic", "-no-reboot", "-nic", "none", *boot,
-            "-fsdev", f"local,id=out,path={out_dir},security_model=none",
-            "-device", "virtio-9p-pci,fsdev=out,mount_tag=out"]
+            "-smp", "1", "-nographic", "-no-reboot", "-nic", "none", *boot]
+    if spec.out_share:
+        argv += ["-fsdev", f"local,id=out,path={out_dir},security_model=none",
+                 "-device", "virtio-9p-pci,fsdev=out,mount_tag=out"]
     for tag, host in shares:
         argv += ["-fsdev", f"local,id={tag},path={host},security_model=none,readonly=on",
                  "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
@@ -374,6 +379,9 @@ def run_guests(cache: guestlib.Cache, specs: list[GuestSpec], payload: Payload, 
     for s, p, _, start, out_dir in procs:
         status = None
         st = out_dir / "exit-status"
+        if not s.out_share:  # no share: /init's last word on the console
+            st.unlink(missing_ok=True)
+            status_from_console(out_dir / "console.log", st)
         if st.exists():
             try:
                 status = int(st.read_text().strip())
@@ -393,6 +401,17 @@ def run_guests(cache: guestlib.Cache, specs: list[GuestSpec], payload: Payload, 
                         ends.get(s.name, time.monotonic()) - start, s.daemon)
         results.append(r)
     return results
+
+
+def status_from_console(console: Path, dest: Path) -> None:
+    """Writes the status of the last "uvd-guest: exit status N" line of console to dest."""
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        return
+    found = re.findall(r"^uvd-guest: exit status (\d+)", text, re.M)
+    if found:
+        dest.write_text(found[-1] + "\n")
 
 
 def report(results: list[GuestResult], log=print) -> bool:

@@ -124,6 +124,19 @@ PATH=$(cat /etc/uvd-guest/path)
   tee /out/script.log
 rc=$(cat /tmp/script-status 2>/dev/null || echo 255)
 echo "$rc" >/out/exit-status
+if [ "$rc" = 0 ] && [ -s /etc/uvd-guest/switch-root ]; then
+  # The script mounted a new root and asked to boot it ("NEWROOT [INIT]"): what it left
+  # running stays (a process serving that root, say), and its init becomes PID 1. The
+  # script may have moved /proc, /sys and /dev into NEWROOT already.
+  read -r newroot newinit </etc/uvd-guest/switch-root
+  newinit=${newinit:-/sbin/init}
+  up=$(cut -d' ' -f1 /proc/uptime 2>/dev/null || cut -d' ' -f1 "$newroot/proc/uptime" 2>/dev/null)
+  say "exit status 0 after $up s, switch_root to $newroot ($newinit)"
+  sync
+  cd /
+  [ "${UVD_GUEST_OUT_SHARE:-0}" = 1 ] && umount /out
+  exec switch_root "$newroot" "$newinit"
+fi
 # whatever the script left running goes now, so /out can be unmounted cleanly
 kill -TERM -1 2>/dev/null
 sleep 0.2
