@@ -151,6 +151,28 @@ class CowFence : public ::testing::Test {
         << "want " << want_allocated << " blocks allocated:\n" << r.output;
   }
 
+  // multipath(link(cow d1), link(cow d2)), failover with fence=required: two
+  // COW devices of the one fenced overlay as a client reaches two servers of it.
+  core::result<std::unique_ptr<Vstore>> open_two_cow_paths(test::cut_link& l1, test::cut_link& l2, bool failback,
+                                                           std::chrono::milliseconds check_interval,
+                                                           std::shared_ptr<multipath_monitor>& mon) {
+    std::vector<std::unique_ptr<Vstore>> paths;
+    for (test::cut_link* l : {&l1, &l2}) {
+      l->inner = open_dev(fenced_uri());
+      if (!l->inner) return core::fail(EIO, "cannot open the overlay");
+      auto p = Vstore::open(test::cut_link_ops, "cow", {}, nullptr, l);
+      if (!p) return core::fail(p.err().errnum(), p.err().what());
+      paths.push_back(std::move(*p));
+    }
+    multipath_options mo;
+    mo.policy = mp_policy::failover;
+    mo.fence = mp_fence::required;
+    mo.failback = failback;
+    mo.check_interval = check_interval;
+    mo.io_timeout = 2s;
+    return open_multipath(std::move(paths), mo, {}, &mon);
+  }
+
   test::temp_dir dir_;
   std::unique_ptr<core::registry> reg_;
   std::string base_, overlay_;
@@ -470,23 +492,8 @@ TEST_F(CowFence, SecondProcessTakesOverAfterTheFirstIsKilledMidWrite) {
 // device and from the overlay reopened.
 TEST_F(CowFence, MultipathFailsOverBetweenTwoCowDevicesOfOneOverlay) {
   test::cut_link l1, l2;
-  l1.inner = open_dev(fenced_uri());
-  l2.inner = open_dev(fenced_uri());
-  ASSERT_TRUE(l1.inner && l2.inner);
-  std::vector<std::unique_ptr<Vstore>> paths;
-  for (test::cut_link* l : {&l1, &l2}) {
-    auto p = Vstore::open(test::cut_link_ops, "cow", {}, nullptr, l);
-    ASSERT_TRUE(p) << p.err().what();
-    paths.push_back(std::move(*p));
-  }
-  multipath_options mo;
-  mo.policy = mp_policy::failover;
-  mo.fence = mp_fence::required;
-  mo.failback = false;
-  mo.check_interval = 100ms;
-  mo.io_timeout = 2s;
   std::shared_ptr<multipath_monitor> mon;
-  auto mp = open_multipath(std::move(paths), mo, {}, &mon);
+  auto mp = open_two_cow_paths(l1, l2, false, 100ms, mon);
   ASSERT_TRUE(mp) << mp.err().what();
   EXPECT_EQ(mon->status().epoch, 1u);
 
@@ -543,23 +550,8 @@ TEST_F(CowFence, MultipathFailsOverBetweenTwoCowDevicesOfOneOverlay) {
 // d1 copies the base over d2's data on its "first" write to each block.
 TEST_F(CowFence, FailbackFencesSoTheReturningDeviceSeesTheOthersBlocks) {
   test::cut_link l1, l2;
-  l1.inner = open_dev(fenced_uri());
-  l2.inner = open_dev(fenced_uri());
-  ASSERT_TRUE(l1.inner && l2.inner);
-  std::vector<std::unique_ptr<Vstore>> paths;
-  for (test::cut_link* l : {&l1, &l2}) {
-    auto p = Vstore::open(test::cut_link_ops, "cow", {}, nullptr, l);
-    ASSERT_TRUE(p) << p.err().what();
-    paths.push_back(std::move(*p));
-  }
-  multipath_options mo;
-  mo.policy = mp_policy::failover;
-  mo.fence = mp_fence::required;
-  mo.failback = true;
-  mo.check_interval = 50ms;
-  mo.io_timeout = 2s;
   std::shared_ptr<multipath_monitor> mon;
-  auto mp = open_multipath(std::move(paths), mo, {}, &mon);
+  auto mp = open_two_cow_paths(l1, l2, true, 50ms, mon);
   ASSERT_TRUE(mp) << mp.err().what();
 
   constexpr uint32_t per_slot = disk / bs;  // regions i and i + per_slot share a block
