@@ -34,17 +34,15 @@ server)
   serve "$UVD_GUEST_ADDR" /out/serve1.log
   say "server: uvd serve on $UVD_GUEST_ADDR:7171 (pid $(cat /out/serve1.log.pid))"
   # what an operator sees while the clients run: every overlay and the paths it is attached over
-  if uvd --help 2>&1 | grep -q '^ *overlay '; then
-    (
-      n=0
-      while [ $n -lt 600 ]; do
-        uvd overlay list /out/overlays >/tmp/list 2>&1 || true
-        awk 'NR > 1 && $NF != "-"' /tmp/list | grep -q . && { cp /tmp/list /out/overlay-list.txt; break; }
-        n=$((n + 1))
-        sleep 1
-      done
-    ) &
-  fi
+  (
+    n=0
+    while [ $n -lt 600 ]; do
+      uvd overlay list /out/overlays >/tmp/list 2>&1 || true
+      awk 'NR > 1 && $NF != "-"' /tmp/list | grep -q . && { cp /tmp/list /out/overlay-list.txt; break; }
+      n=$((n + 1))
+      sleep 1
+    done
+  ) &
   if [ "${DISKLESS_MP:-0}" = 1 ]; then
     a2=$(ip -4 -o addr show dev eth1 | awk '{ split($4, a, "/"); print a[1] }')
     serve "$a2" /out/serve2.log
