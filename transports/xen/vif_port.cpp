@@ -378,7 +378,10 @@ uint32_t vif_port::tx_burst(core::veth_frame* const* frames, uint32_t n) {
     if (backlog_.size() >= backlog_max) break;
     offer(f);
   }
-  if (!backlog_.empty()) (void)rx_.final_check_for_requests();  // arm req_event: wake us when buffers come
+  // Frames wait: arm req_event so the front end wakes us when it posts
+  // buffers, and deliver to any it posted before the event was armed (it
+  // will not notify for those: checking once and moving on lost them).
+  if (!backlog_.empty()) flush_backlog();
   if (rx_.push_responses()) (void)evt_->notify();
   // The switch counts what we did not take as its own drop; keep our side of it too.
   shared_->dropped += n - taken;
