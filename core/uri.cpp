@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "core/uri.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <cctype>
 #include <charconv>
 #include <string>
@@ -70,6 +73,22 @@ result<uint64_t> parse_size(std::string_view text) {
   else return fail(EINVAL, "'" + std::string(text) + "': unknown size suffix (use k, M, G or T)");
   if (shift && n > (UINT64_MAX >> shift)) return fail(ERANGE, "'" + std::string(text) + "' is too large");
   return n << shift;
+}
+
+std::string sockaddr_text(const sockaddr* sa) {
+  if (!sa) return "?";
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (sa->sa_family == AF_INET) {
+    auto* s4 = reinterpret_cast<const sockaddr_in*>(sa);
+    ::inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(s4->sin_port));
+  }
+  if (sa->sa_family == AF_INET6) {
+    auto* s6 = reinterpret_cast<const sockaddr_in6*>(sa);
+    ::inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(s6->sin6_port));
+  }
+  return "?";
 }
 
 }  // namespace uvd::core

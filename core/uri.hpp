@@ -2,6 +2,8 @@
 #pragma once
 // Device addresses: "file:///img?direct=1", "rdma://host:port/export",
 // "memory:64M", or a bare target used with an explicit transport name.
+#include <sys/socket.h>
+
 #include <string>
 #include <string_view>
 
@@ -25,5 +27,9 @@ bool find_option(std::string_view options, std::string_view key, std::string* va
 
 // "64M", "1G", "4096", "512k" -> bytes. Errors name the bad text.
 result<uint64_t> parse_size(std::string_view text);
+
+// An IPv4 or IPv6 socket address as "10.0.0.1:7171" or "[fe80::1]:7171";
+// "?" for null or another family.
+std::string sockaddr_text(const sockaddr* sa);
 
 }  // namespace uvd::core

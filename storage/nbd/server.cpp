@@ -27,6 +27,7 @@
 #include <set>
 #include <thread>
 
+#include "core/uri.hpp"
 #include "storage/nbd/connection.hpp"
 #include "storage/nbd/nbd.hpp"
 
@@ -138,21 +139,7 @@ std::string peer_name(int fd, bool is_unix) {
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
   if (::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return "?";
-  char host[INET6_ADDRSTRLEN] = "?";
-  uint16_t port = 0;
-  if (ss.ss_family == AF_INET) {
-    auto* s4 = reinterpret_cast<sockaddr_in*>(&ss);
-    ::inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
-    port = ntohs(s4->sin_port);
-    return std::string(host) + ":" + std::to_string(port);
-  }
-  if (ss.ss_family == AF_INET6) {
-    auto* s6 = reinterpret_cast<sockaddr_in6*>(&ss);
-    ::inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
-    port = ntohs(s6->sin6_port);
-    return fmt::format("[{}]:{}", host, port);
-  }
-  return "?";
+  return core::sockaddr_text(reinterpret_cast<const sockaddr*>(&ss));
 }
 
 }  // namespace

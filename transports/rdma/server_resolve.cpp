@@ -4,37 +4,15 @@
 // and every connection that opens the same name shares one export entry, so
 // fencing (the entry's epoch, or the disk's own record) covers all of them.
 // Service thread only.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-
 #include <spdlog/spdlog.h>
 
 #include <cerrno>
 #include <string>
 
+#include "core/uri.hpp"
 #include "transports/rdma/server_impl.hpp"
 
 namespace uvd::rdma {
-
-namespace {
-
-std::string addr_text(const sockaddr* sa) {
-  if (!sa) return "?";
-  char host[INET6_ADDRSTRLEN] = "?";
-  if (sa->sa_family == AF_INET) {
-    auto* s4 = reinterpret_cast<const sockaddr_in*>(sa);
-    ::inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
-    return std::string(host) + ":" + std::to_string(ntohs(s4->sin_port));
-  }
-  if (sa->sa_family == AF_INET6) {
-    auto* s6 = reinterpret_cast<const sockaddr_in6*>(sa);
-    ::inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
-    return "[" + std::string(host) + "]:" + std::to_string(ntohs(s6->sin6_port));
-  }
-  return "?";
-}
-
-}  // namespace
 
 export_entry* server::impl::open_resolved(conn& c, const std::string& name, int* status) {
   if (name.empty() || c.dyn_ref) {
@@ -47,8 +25,8 @@ export_entry* server::impl::open_resolved(conn& c, const std::string& name, int*
     *status = -EINVAL;
     return nullptr;
   }
-  const std::string local = c.id ? addr_text(rdma_get_local_addr(c.id.get())) : "?";
-  const std::string peer = c.id ? addr_text(rdma_get_peer_addr(c.id.get())) : "?";
+  const std::string local = c.id ? core::sockaddr_text(rdma_get_local_addr(c.id.get())) : "?";
+  const std::string peer = c.id ? core::sockaddr_text(rdma_get_peer_addr(c.id.get())) : "?";
   server_export ex;
   void* ref = nullptr;
   char err[512] = {};
